@@ -1,0 +1,203 @@
+"""`segadapt` command line: train, test, synth.
+
+Errors caused by input (data, config, checkpoints) are printed as one line
+and exit with status 2; `--debug` shows the full traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "synthetic/source_only"
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.iters=500 optim.lr=0.01 model.backbone=resnet50")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segadapt", description="Unsupervised domain adaptation for semantic segmentation.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a segmenter with a UDA method (default: the synthetic benchmark)")
+    p.add_argument("-c", "--config", default=None,
+                   help=f"config file or packaged name (default: {DEFAULT_CONFIG}); see `segadapt configs`")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from a checkpoint or run folder (default: this config's out_dir/last.pth)")
+    p.add_argument("--out", default=None, help="run folder (overrides out_dir)")
+    p.add_argument("--seed", type=int, default=None, help="overrides train.seed")
+    p.add_argument("--pretrained", default=None, help="backbone/segmenter weights to start from (model.pretrained)")
+    p.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars and image grids")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_overrides(p)
+
+    p = sub.add_parser("test", help="evaluate a checkpoint (per-class IoU, mIoU)")
+    p.add_argument("checkpoint", help="segadapt checkpoint (.pth or run folder), or ADVENT DeepLabV2 weights with --config")
+    p.add_argument("-c", "--config", default=None, help="config for the model and evaluation data "
+                   "(default: the one stored in a segadapt checkpoint)")
+    p.add_argument("--out", default=None, help="folder for results.{md,csv,json} (default: next to the checkpoint)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_overrides(p)
+
+    p = sub.add_parser("synth", help="generate the built-in synthetic source->target benchmark")
+    p.add_argument("--out", default="data/synthetic", help="output folder (default: data/synthetic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=None)
+    p.add_argument("--num-source", type=int, default=None)
+    p.add_argument("--num-source-val", type=int, default=None)
+    p.add_argument("--num-target-train", type=int, default=None)
+    p.add_argument("--num-target-val", type=int, default=None)
+    p.add_argument("--gap", type=float, default=None, help="strength of the appearance shift (default 1.0)")
+    p.add_argument("--synthia", action="store_true", help="also write a SYNTHIA-layout copy of the source")
+    p.add_argument("--workers", type=int, default=None)
+
+    sub.add_parser("configs", help="list the packaged configs")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .engine.trainer import train_from_config
+
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"train.seed={args.seed}")
+    if args.out is not None:
+        overrides.append(f"out_dir={args.out}")
+    if args.pretrained is not None:
+        overrides.append(f"model.pretrained={args.pretrained}")
+    if args.tensorboard:
+        overrides.append("train.tensorboard=true")
+    resume = None
+    if args.resume is not None:
+        cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+        resume = str(Path(cfg.out_dir) / "last.pth") if args.resume == "auto" else args.resume
+        from .engine.checkpoint import load_checkpoint
+
+        # the run continues with the configuration it started with (plus overrides)
+        ckpt_cfg = load_checkpoint(resume)["config"]
+        cfg = load_config(None, overrides, base=ckpt_cfg)
+    else:
+        cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+    result = train_from_config(cfg, resume=resume, progress=not args.no_progress)
+    if result is not None and _is_main():
+        print(result.table())
+        print(f"results written to {cfg.out_dir}/results.{{md,csv,json}}")
+    return 0
+
+
+def cmd_test(args) -> int:
+    import torch
+
+    from .config import load_config
+    from .data.datasets import build_dataset
+    from .engine import distributed as dist_utils
+    from .engine.evaluator import evaluate
+    from .engine.trainer import build_eval_loader, ensure_data, eval_kwargs
+    from .errors import CheckpointError
+    from .models.checkpoints import load_pretrained
+    from .models.deeplabv2 import build_segmenter
+
+    ckpt_path = Path(args.checkpoint)
+    if ckpt_path.is_dir():
+        ckpt_path = ckpt_path / ("final.pth" if (ckpt_path / "final.pth").is_file() else "last.pth")
+    if not ckpt_path.is_file():
+        raise CheckpointError(f"checkpoint not found: {ckpt_path}")
+    stored = None
+    if args.config is None:
+        try:
+            obj = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}") from None
+        stored = obj.get("config") if isinstance(obj, dict) else None
+        if stored is None:
+            raise CheckpointError(f"{ckpt_path} holds no segadapt config: pass --config for its model and data")
+        del obj
+    cfg = load_config(args.config, list(args.overrides), base=stored)
+    device = dist_utils.init_from_env(cfg.train.device)
+    ensure_data(cfg)
+    model = build_segmenter(cfg.model)
+    load_pretrained(model, str(ckpt_path))
+    model.to(device)
+    loader = build_eval_loader(cfg, build_dataset(cfg.eval.data))
+    result = evaluate(model, loader, device=device, progress=not args.no_progress, class_names=None, **eval_kwargs(cfg))
+    result.meta.update({"checkpoint": str(ckpt_path), "eval_root": cfg.eval.data.root,
+                        "eval_split": cfg.eval.data.split, "eval_list": cfg.eval.data.list_file,
+                        "eval_mode": cfg.eval.mode, "scales": list(cfg.eval.scales), "flip": cfg.eval.flip})
+    if _is_main():
+        out = Path(args.out) if args.out else ckpt_path.parent / "test"
+        result.save(out, "results")
+        print(result.table())
+        print(f"results written to {out}/results.{{md,csv,json}}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .data.synthetic import SynthParams, generate
+
+    kwargs = {"seed": args.seed, "synthia": args.synthia}
+    for name in ("num_source", "num_source_val", "num_target_train", "num_target_val", "gap", "workers"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    if args.size is not None:
+        kwargs["size"] = tuple(args.size)
+    out = generate(Path(args.out), SynthParams(**kwargs))
+    print(f"synthetic benchmark written to {out}")
+    return 0
+
+
+def cmd_configs(args) -> int:
+    from .config import PACKAGE_CONFIG_DIR
+
+    for p in sorted(PACKAGE_CONFIG_DIR.rglob("*.yaml")):
+        rel = p.relative_to(PACKAGE_CONFIG_DIR).with_suffix("")
+        if rel.name != "base" and not rel.name.startswith("_"):
+            print(rel)
+    return 0
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """A worker-process error arrives wrapped with its traceback: keep its last line."""
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    last = lines[-1].strip() if len(lines) > 1 else lines[0]
+    for prefix in ("segadapt.errors.",):
+        if last.startswith(prefix) and ": " in last:
+            last = last.split(": ", 1)[1]
+    return last
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .errors import SegadaptError
+
+    handlers = {"train": cmd_train, "test": cmd_test, "synth": cmd_synth, "configs": cmd_configs}
+    try:
+        return handlers[args.command](args)
+    except SegadaptError as e:
+        if args.debug:
+            raise
+        print(f"segadapt {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"segadapt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        from .engine.distributed import cleanup
+
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

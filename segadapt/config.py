@@ -1,0 +1,420 @@
+"""Typed configuration: YAML files with `_base_` inheritance, `${a.b}` references
+and `a.b=value` command-line overrides, validated against dataclasses.
+
+Every key has a documented default; an unknown or mistyped key is an error that
+names the key and the file (or the command line) it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass
+class DatasetConfig:
+    kind: str = "cityscapes"  # gta5 | cityscapes | synthia | folder
+    root: str = ""
+    split: str = "train"  # cityscapes: train/val/test; gta5/synthia: all (or use list_file)
+    list_file: Optional[str] = None  # names of the samples to use, relative to root
+    resize: Optional[list[int]] = None  # [W, H]
+    crop: Optional[list[int]] = None  # [W, H]
+    flip: bool = False
+    labels: bool = True  # unlabelled target training: false
+    keep_label_size: bool = False  # evaluation: resize the image only
+    size_mismatch: str = "resize"  # resize | skip | error
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "deeplabv2"
+    backbone: str = "resnet101"
+    base_width: int = 64  # 64 = standard widths; 16/32 for CPU work
+    stem: str = "caffe"  # caffe (7x7) | v1c (three 3x3)
+    num_classes: int = 19
+    aux: bool = True  # layer5 on layer3
+    aux_weight: float = 0.1
+    normalization: str = "advent_bgr"  # advent_bgr | imagenet_rgb
+    # ADVENT keeps BN affine frozen but uses batch statistics ("train"); "eval"
+    # freezes running statistics too, better for batch size 1.
+    bn_mode: str = "train"
+    pretrained: Optional[str] = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 2.5e-4
+    momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 5e-4
+    head_lr_mult: float = 10.0  # classifier (and projection heads) learning-rate factor
+    no_decay_norm: bool = False  # AdamW family: no weight decay on norm parameters
+    poly_power: float = 0.9
+    poly_iters: Optional[int] = None  # poly horizon; None = train.iters (ADVENT: 250000)
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-6  # warm-up starts at lr * warmup_ratio
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 120000
+    batch_source: int = 1
+    batch_target: int = 1
+    seed: int = 1234
+    num_workers: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "none"  # none | bf16 | fp16
+    channels_last: bool = False
+    log_every: int = 50
+    eval_every: int = 2000  # 0 = only at the end
+    ckpt_every: int = 2000
+    tensorboard: bool = False
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    init_from: Optional[str] = None  # segmenter weights to start from (any loadable format)
+
+
+@dataclass
+class EvalConfig:
+    data: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="val", keep_label_size=True))
+    mode: str = "whole"  # whole | slide
+    crop: Optional[list[int]] = None  # slide window [W, H]
+    stride: Optional[list[int]] = None
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    batch_size: int = 1
+    subsets: str = "auto"  # auto (16/13 for a SYNTHIA source) | none | synthia
+    max_images: Optional[int] = None
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in benchmark; generated on first use when `auto` is on."""
+
+    auto: bool = False
+    out: str = "data/synthetic"
+    seed: int = 0
+    size: list[int] = field(default_factory=lambda: [256, 128])
+    num_source: int = 600
+    num_source_val: int = 100
+    num_target_train: int = 400
+    num_target_val: int = 100
+    gap: float = 1.0
+    synthia: bool = False
+    workers: int = 2
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    out_dir: str = "runs/${name}/seed${train.seed}"
+    method: dict = field(default_factory=lambda: {"name": "source_only"})
+    source: DatasetConfig = field(default_factory=DatasetConfig)
+    target: DatasetConfig = field(default_factory=lambda: DatasetConfig(labels=False))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+class _Origins(dict):
+    """Dotted key -> where it was set (file path or 'command line')."""
+
+    def where(self, key: str) -> str:
+        parts = key.split(".")
+        while parts:
+            k = ".".join(parts)
+            if k in self:
+                return self[k]
+            parts.pop()
+        return "defaults"
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A file path, or a packaged config name such as `synthetic/source_only`."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (PACKAGE_CONFIG_DIR / name_or_path, PACKAGE_CONFIG_DIR / f"{name_or_path}.yaml"):
+        if cand.is_file():
+            return cand
+    known = sorted(str(q.relative_to(PACKAGE_CONFIG_DIR).with_suffix("")) for q in PACKAGE_CONFIG_DIR.rglob("*.yaml"))
+    close = difflib.get_close_matches(name_or_path, known, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else f"; packaged configs: {', '.join(known)}"
+    raise ConfigError(f"config not found: {name_or_path}{hint}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"invalid YAML in {path}{loc}: {getattr(e, 'problem', e)}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    return data
+
+
+def _merge(dst: dict, src: dict, origin: Optional[str], origins: _Origins, prefix: str = "") -> None:
+    for k, v in src.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(dst.get(k), dict) and k != "_replace_":
+            if v.pop("_replace_", False):
+                dst[k] = {}
+            _merge(dst[k], v, origin, origins, key + ".")
+        else:
+            dst[k] = v
+            if origin is None:  # already recorded by the loader of that file
+                continue
+            origins[key] = origin
+            if isinstance(v, dict):
+                for sub in _flatten(v):
+                    origins[f"{key}.{sub}"] = origin
+
+
+def _flatten(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out.append(prefix + k)
+        if isinstance(v, dict):
+            out += _flatten(v, prefix + k + ".")
+    return out
+
+
+def _load_tree(path: Path, origins: _Origins, seen: tuple = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"circular _base_ in {path}")
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    tree: dict = {}
+    for b in bases:
+        bpath = (path.parent / b) if not Path(b).is_absolute() else Path(b)
+        if not bpath.is_file():
+            raise ConfigError(f"_base_ file {b} not found (referenced from {path})")
+        _merge(tree, _load_tree(bpath, origins, seen + (path,)), None, origins)
+    _merge(tree, data, str(path), origins)
+    return tree
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=1 c=[1,2]` -> nested dict; values parsed as YAML scalars/lists."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override")
+        node[parts[-1]] = value
+    return tree
+
+
+_REF = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
+
+
+def _lookup(tree: dict, dotted: str):
+    node: Any = tree
+    for p in dotted.split("."):
+        if not isinstance(node, dict) or p not in node:
+            raise KeyError(dotted)
+        node = node[p]
+    return node
+
+
+def _interpolate(tree: dict, root: dict, origins: _Origins, prefix: str = "") -> None:
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            _interpolate(v, root, origins, key + ".")
+        elif isinstance(v, str) and "${" in v:
+            for _ in range(10):  # nested references
+                def sub(m):
+                    try:
+                        return str(_lookup(root, m.group(1)))
+                    except KeyError:
+                        raise ConfigError(
+                            f"{key}: unknown reference ${{{m.group(1)}}} (in {origins.where(key)})"
+                        ) from None
+
+                new = _REF.sub(sub, v)
+                if new == v:
+                    break
+                v = new
+            tree[k] = v
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str, origins: _Origins):
+    """Check `value` against the annotation `tp`; allow int->float and list->tuple."""
+    where = origins.where(key)
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, origins)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r} (in {where})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r} (in {where})")
+        return build_dataclass(tp, value, origins, key + ".")
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r} (in {where})")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, inner, f"{key}[{i}]", origins) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r} (in {where})")
+        return value
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)  # YAML reads 1e-4 (no dot) as a string
+                except ValueError:
+                    pass
+            raise ConfigError(f"{key}: expected a number, got {value!r} (in {where})")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r} (in {where})")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r} (in {where})")
+        return value
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r} (in {where})")
+        return str(value)
+    return value
+
+
+def build_dataclass(cls, data: dict, origins: Optional[_Origins] = None, prefix: str = ""):
+    """Instantiate dataclass `cls` from a dict, rejecting unknown keys."""
+    origins = origins if origins is not None else _Origins()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{k}' in {origins.where(prefix + str(k))}{hint}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k, origins) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_config(
+    path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None
+) -> Config:
+    """Load a config (file path or packaged name), apply overrides, validate.
+
+    `base` (a plain dict, e.g. the config stored in a checkpoint) is used
+    instead of a file when given.
+    """
+    origins = _Origins()
+    tree = _deep_defaults()
+    if base is not None:
+        _merge(tree, base, "checkpoint config", origins)
+    if path is not None:
+        _merge(tree, _load_tree(resolve_config_path(path), origins), None, origins)
+    if overrides:
+        _merge(tree, parse_overrides(overrides), "command line", origins)
+    _interpolate(tree, tree, origins)
+    cfg = build_dataclass(Config, tree, origins)
+    validate(cfg)
+    from .methods import method_config  # the registry lives with the methods
+
+    cfg.method = dataclasses.asdict(method_config(cfg.method, origins))
+    return cfg
+
+
+def _deep_defaults() -> dict:
+    return dataclasses.asdict(Config())
+
+
+def _choice(value, allowed, key):
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}{hint}")
+
+
+def validate(cfg: Config) -> None:
+    for key, ds in (("source", cfg.source), ("target", cfg.target), ("eval.data", cfg.eval.data)):
+        _choice(ds.kind, ["gta5", "cityscapes", "synthia", "folder"], f"{key}.kind")
+        _choice(ds.size_mismatch, ["resize", "skip", "error"], f"{key}.size_mismatch")
+        for sub in ("resize", "crop"):
+            v = getattr(ds, sub)
+            if v is not None and (len(v) != 2 or min(v) <= 0):
+                raise ConfigError(f"{key}.{sub}: expected [W, H] with positive sizes, got {v}")
+    _choice(cfg.model.normalization, ["advent_bgr", "imagenet_rgb"], "model.normalization")
+    _choice(cfg.model.bn_mode, ["train", "eval"], "model.bn_mode")
+    _choice(cfg.optim.name, ["sgd", "adamw"], "optim.name")
+    _choice(cfg.train.amp, ["none", "bf16", "fp16"], "train.amp")
+    _choice(cfg.eval.mode, ["whole", "slide"], "eval.mode")
+    _choice(cfg.eval.subsets, ["auto", "none", "synthia"], "eval.subsets")
+    if cfg.eval.mode == "slide" and not cfg.eval.crop:
+        raise ConfigError("eval.crop is required for eval.mode=slide")
+    for k in ("iters", "batch_source", "batch_target", "log_every", "ckpt_every"):
+        if getattr(cfg.train, k) <= 0:
+            raise ConfigError(f"train.{k} must be positive")
+    if cfg.optim.lr <= 0:
+        raise ConfigError("optim.lr must be positive")
+    if not isinstance(cfg.method, dict) or "name" not in cfg.method:
+        raise ConfigError("method.name is required")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

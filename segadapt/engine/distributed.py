@@ -1,0 +1,64 @@
+"""torchrun / DDP helpers. Single-process runs never touch torch.distributed."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device: str) -> torch.device:
+    """Initialise the process group when launched by torchrun; return this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return resolve_device(device)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from ..errors import ConfigError
+
+        raise ConfigError(f"train.device={device} but CUDA is not available on this machine")
+    if device == "cuda" and is_dist():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(device)
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()

@@ -1,0 +1,118 @@
+"""Run logging: progress bar with ETA and losses, metrics.jsonl, TensorBoard."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from ..data.labels import PALETTE
+
+
+def colorize_tensor(labels: torch.Tensor) -> torch.Tensor:
+    """(B,H,W) train ids -> (B,3,H,W) float colours in [0,1]; ignore (255) black."""
+    lut = torch.zeros(256, 3, dtype=torch.uint8, device=labels.device)
+    lut[: len(PALETTE)] = torch.as_tensor(PALETTE, device=labels.device)
+    return lut[labels.clamp(0, 255).long()].permute(0, 3, 1, 2).float() / 255.0
+
+
+class RunLogger:
+    def __init__(self, out_dir: Path, cfg, enabled: bool = True, tensorboard: bool = False):
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self.bar: Optional[tqdm] = None
+        self.tb = None
+        self.metrics_file = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = open(self.out_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from ..errors import ConfigError
+
+                raise ConfigError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(self.out_dir / "tb"))
+
+    def start(self, start_iter: int, total: int, progress: bool) -> None:
+        if self.enabled and progress:
+            self.bar = tqdm(total=total, initial=start_iter, desc="train", dynamic_ncols=True, smoothing=0.05)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log_train(self, it: int, values: dict, sec_per_iter: float) -> None:
+        if not self.enabled:
+            return
+        rec = {"iteration": it, **{k: round(v, 6) for k, v in values.items()}, "sec_per_iter": round(sec_per_iter, 4)}
+        self.metrics_file.write(json.dumps(rec) + "\n")
+        self.metrics_file.flush()
+        if self.bar is not None:
+            short = {k.replace("loss_", ""): f"{v:.3g}" for k, v in values.items() if k.startswith("loss")}
+            self.bar.set_postfix(short, refresh=False)
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(("train/" if k.startswith("loss") else "") + k, v, it)
+
+    @torch.no_grad()
+    def log_eval(self, it: int, result, model, loader, device, num_images: int = 4) -> None:
+        if not self.enabled:
+            return
+        line = f"iteration {it}: mIoU {result.miou * 100:.2f}"
+        for k, v in result.subset_mious.items():
+            line += f", {k} {v * 100:.2f}"
+        self._write(line)
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps({"iteration": it, "eval/mIoU": result.miou,
+                                                **{f"eval/{k}": v for k, v in result.subset_mious.items()}}) + "\n")
+            self.metrics_file.flush()
+        if self.tb is None:
+            return
+        self.tb.add_scalar("eval/mIoU", result.miou, it)
+        for k, v in result.subset_mious.items():
+            self.tb.add_scalar(f"eval/{k}", v, it)
+        for name, iou in zip(result.class_names, result.per_class_iou):
+            if iou == iou:  # not NaN
+                self.tb.add_scalar(f"eval_class/{name}", iou, it)
+        self._image_grid(it, model, loader, device, num_images)
+
+    def _image_grid(self, it, model, loader, device, num_images):
+        from .inference import predict
+
+        was_training = model.training
+        model.eval()
+        rows = []
+        for batch in loader:
+            img = batch["image"][:1].to(device)
+            h, w = img.shape[-2:]
+            pred = predict(model, img, (h, w))
+            lbl = torch.nn.functional.interpolate(batch["label"][:1, None].float(), size=(h, w), mode="nearest")
+            rows.append(torch.cat([img.float().cpu(), colorize_tensor(pred).cpu(),
+                                   colorize_tensor(lbl[:, 0].long()).cpu()], dim=3))
+            if len(rows) >= num_images:
+                break
+        model.train(was_training)
+        if rows:
+            self.tb.add_images("eval/input_prediction_label", torch.cat(rows, 0), it)
+
+    def _write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+            self.metrics_file = None

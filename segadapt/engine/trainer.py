@@ -1,0 +1,287 @@
+"""One iteration-based trainer for every method.
+
+Per iteration: draw a labelled source batch (and an unlabelled target batch if
+the method uses one), let the method turn it into named losses, sum the
+`loss*` entries, one backward, step every optimizer the method declared, then
+the method's `after_step` hook (EMA teachers, memory banks). Checkpoints hold
+everything needed to continue exactly: weights, method state, optimizers,
+AMP scaler, RNG states and the data streams' positions.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+
+from ..config import Config, dump_config
+from ..data.datasets import build_dataset
+from ..data.sampling import DataStream
+from ..errors import CheckpointError, TrainingError
+from ..methods import build_method
+from ..models.checkpoints import load_pretrained
+from ..models.deeplabv2 import build_segmenter
+from . import distributed as dist_utils
+from .checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
+from .evaluator import evaluate, subsets_for
+from .logging import RunLogger
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def move_to(batch, device, channels_last: bool = False):
+    if isinstance(batch, dict):
+        return {k: move_to(v, device, channels_last) for k, v in batch.items()}
+    if isinstance(batch, torch.Tensor):
+        t = batch.to(device, non_blocking=True)
+        if channels_last and t.ndim == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+    return batch
+
+
+def ensure_data(cfg: Config) -> None:
+    """Generate the built-in synthetic benchmark on first use (rank 0 only)."""
+    if not cfg.synthetic.auto:
+        return
+    from ..data.synthetic import SynthParams, ensure_synthetic
+
+    s = cfg.synthetic
+    params = SynthParams(seed=s.seed, size=tuple(s.size), num_source=s.num_source, num_source_val=s.num_source_val,
+                         num_target_train=s.num_target_train, num_target_val=s.num_target_val, gap=s.gap,
+                         synthia=s.synthia, workers=s.workers)
+    if dist_utils.is_main():
+        ensure_synthetic(Path(s.out), params)
+    dist_utils.barrier()
+
+
+def build_eval_loader(cfg: Config, dataset=None, num_workers: Optional[int] = None) -> DataLoader:
+    ds = dataset if dataset is not None else build_dataset(cfg.eval.data)
+    if cfg.eval.max_images is not None:
+        ds = Subset(ds, range(min(cfg.eval.max_images, len(ds))))
+    if dist_utils.world_size() > 1:  # each rank takes a strided share; the confusion matrix is all-reduced
+        ds = Subset(ds, range(dist_utils.rank(), len(ds), dist_utils.world_size()))
+    workers = cfg.train.num_workers if num_workers is None else num_workers
+    return DataLoader(ds, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=workers,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def eval_kwargs(cfg: Config) -> dict:
+    infer = {"mode": cfg.eval.mode, "crop": cfg.eval.crop, "stride": cfg.eval.stride,
+             "scales": tuple(cfg.eval.scales), "flip": cfg.eval.flip}
+    if cfg.eval.subsets == "none":
+        subsets = {}
+    elif cfg.eval.subsets == "synthia":
+        subsets = subsets_for("synthia")
+    else:
+        subsets = subsets_for(cfg.source.kind)
+    return {"num_classes": cfg.model.num_classes, "infer": infer, "subsets": subsets,
+            "amp_dtype": AMP_DTYPES.get(cfg.train.amp)}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: Optional[str] = None, progress: bool = True):
+        self.cfg = cfg
+        self.device = dist_utils.init_from_env(cfg.train.device)
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.is_main = self.rank == 0
+        self.out_dir = Path(cfg.out_dir)
+        self.progress = progress and self.is_main
+        tc = cfg.train
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(tc.seed + self.rank)
+
+        ensure_data(cfg)
+        self.source_ds = build_dataset(cfg.source)
+        self.eval_ds = build_dataset(cfg.eval.data)
+        self.model = build_segmenter(cfg.model)
+        if tc.init_from:
+            load_pretrained(self.model, tc.init_from)
+        self.model.to(self.device)
+        if tc.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.method = build_method(cfg, self.model).to(self.device)
+        self.target_ds = build_dataset(cfg.target) if self.method.uses_target else None
+        self.optimizers = self.method.build_optimizers()
+        self.amp_dtype = AMP_DTYPES.get(tc.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.amp == "fp16")
+
+        pin = self.device.type == "cuda"
+        self.streams = {"source": DataStream(self.source_ds, tc.batch_source, tc.seed, tc.num_workers,
+                                             self.rank, self.world, pin)}
+        if self.target_ds is not None:
+            self.streams["target"] = DataStream(self.target_ds, tc.batch_target, tc.seed + 1, tc.num_workers,
+                                                self.rank, self.world, pin)
+        self.start_iter = 0
+        self.history: list[dict] = []
+        if resume is not None:
+            self._restore(load_checkpoint(resume), resume)
+        else:
+            # the method's one-off preparation (e.g. memory-bank initialisation)
+            # only for fresh runs; its results live in the checkpoint
+            self.method.before_train(self)
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = DistributedDataParallel(
+                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.method.find_unused_parameters)
+        self.logger = RunLogger(self.out_dir, cfg, enabled=self.is_main, tensorboard=tc.tensorboard)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self, iteration: int) -> dict:
+        method_state = {k: v for k, v in self.method.state_dict().items() if not k.startswith("model.")}
+        return {
+            "format": FORMAT, "version": VERSION, "iteration": iteration,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "method": method_state,
+            "method_extra": self.method.extra_state_dict(),
+            "optimizers": {k: o.optimizer.state_dict() for k, o in self.optimizers.items()},
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "streams": {k: s.state_dict() for k, s in self.streams.items()},
+            "history": self.history,
+        }
+
+    def _restore(self, ckpt: dict, where: str) -> None:
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            missing, unexpected = self.method.load_state_dict(
+                {**{f"model.{k}": v for k, v in ckpt["model"].items()}, **ckpt["method"]}, strict=False)
+            if missing or unexpected:
+                raise RuntimeError(f"missing {missing[:3]} unexpected {unexpected[:3]}")
+            self.method.load_extra_state_dict(ckpt.get("method_extra", {}))
+            for k, o in self.optimizers.items():
+                o.optimizer.load_state_dict(ckpt["optimizers"][k])
+        except (RuntimeError, KeyError) as e:
+            msg = str(e).splitlines()[0][:300]
+            raise CheckpointError(f"checkpoint {where} does not match this model/method: {msg}") from None
+        self.scaler.load_state_dict(ckpt["scaler"])
+        for k, s in self.streams.items():
+            s.load_state_dict(ckpt["streams"][k])
+        set_rng_state(ckpt["rng"])
+        self.start_iter = int(ckpt["iteration"])
+        self.history = list(ckpt.get("history", []))
+
+    def save(self, iteration: int, name: str = "last.pth") -> Optional[Path]:
+        if not self.is_main:
+            return None
+        path = self.out_dir / name
+        atomic_save(self.state_dict(iteration), path)
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _check_finite(self, sums: dict, it: int, last_good: Optional[int]) -> None:
+        """One host sync per log interval (not per step) to catch NaN/inf losses."""
+        bad = [k for k, v in sums.items() if not math.isfinite(float(v))]
+        if bad:
+            where = (f"last good checkpoint: {self.out_dir / 'last.pth'} (iteration {last_good})"
+                     if last_good else "no checkpoint was written yet")
+            raise TrainingError(f"non-finite loss ({', '.join(bad)}) before iteration {it}; run stopped, {where}")
+
+    def evaluate(self, iteration: int):
+        loader = build_eval_loader(self.cfg, self.eval_ds)
+        result = evaluate(self.method.eval_model(), loader, device=self.device, progress=self.progress,
+                          class_names=None, **eval_kwargs(self.cfg))
+        result.meta.update({"iteration": iteration, "method": self.cfg.method["name"], "config": self.cfg.name,
+                            "seed": self.cfg.train.seed, "eval_root": self.cfg.eval.data.root,
+                            "eval_split": self.cfg.eval.data.split})
+        self.history.append({"iteration": iteration, "mIoU": result.miou, **result.subset_mious})
+        self.logger.log_eval(iteration, result, self.method.eval_model(), loader, self.device)
+        return result
+
+    def train(self):
+        cfg, tc = self.cfg, self.cfg.train
+        module = self.ddp if self.ddp is not None else self.method
+        self.logger.start(self.start_iter, tc.iters, self.progress)
+        last_good = self.start_iter if self.start_iter > 0 else None
+        sums: dict[str, torch.Tensor] = {}
+        n_acc = 0
+        t0 = time.time()
+        result = None
+        self.method.train()
+        try:
+            for it in range(self.start_iter, tc.iters):
+                batch = {k: move_to(next(s), self.device, tc.channels_last) for k, s in self.streams.items()}
+                for o in self.optimizers.values():
+                    o.set_iteration(it)
+                    o.optimizer.zero_grad(set_to_none=True)
+                with self._autocast():
+                    out = module(batch, it)
+                losses = {k: v for k, v in out.items() if k.startswith("loss")}
+                total = sum(v.float() for v in losses.values())
+                self.scaler.scale(total).backward()
+                if cfg.optim.grad_clip:
+                    for o in self.optimizers.values():
+                        self.scaler.unscale_(o.optimizer)
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for o in self.optimizers.values() for g in o.optimizer.param_groups for p in g["params"]],
+                        cfg.optim.grad_clip)
+                for o in self.optimizers.values():
+                    self.scaler.step(o.optimizer)
+                self.scaler.update()
+                self.method.after_step(it)
+
+                # accumulate on the device: no host sync per step
+                out = {**out, "loss": total}
+                for k, v in out.items():
+                    v = v.detach().float()
+                    sums[k] = sums[k] + v if k in sums else v.clone()
+                n_acc += 1
+                done = it + 1
+                self.logger.step()
+                if done % tc.log_every == 0 or done == tc.iters or done % tc.ckpt_every == 0:
+                    self._check_finite(sums, done, last_good)
+                    means = {k: float(v) / n_acc for k, v in sums.items()}
+                    lrs = {f"lr_{k}": o.optimizer.param_groups[0]["lr"] for k, o in self.optimizers.items()}
+                    self.logger.log_train(done, {**means, **lrs}, (time.time() - t0) / n_acc)
+                    sums, n_acc, t0 = {}, 0, time.time()
+                if tc.eval_every and done % tc.eval_every == 0 and done != tc.iters:
+                    self.evaluate(done)
+                    self.method.train()
+                if done % tc.ckpt_every == 0 or done == tc.iters:
+                    self.save(done)
+                    last_good = done
+            result = self.evaluate(tc.iters)
+            if self.is_main:
+                self.save(tc.iters, "final.pth")
+                result.save(self.out_dir, "results")
+                (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1))
+        except KeyboardInterrupt:
+            self.logger.close()
+            where = f"{self.out_dir / 'last.pth'} (iteration {last_good})" if last_good else "none written yet"
+            raise TrainingError(f"interrupted; last checkpoint: {where}; continue with --resume") from None
+        finally:
+            self.logger.close()
+            for s in self.streams.values():
+                s.close()
+        return result
+
+
+def train_from_config(cfg: Config, resume: Optional[str] = None, progress: bool = True):
+    trainer = Trainer(cfg, resume=resume, progress=progress)
+    if trainer.is_main:
+        trainer.out_dir.mkdir(parents=True, exist_ok=True)
+        (trainer.out_dir / "config.yaml").write_text(dump_config(cfg))
+    return trainer.train()
+

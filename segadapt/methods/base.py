@@ -1,0 +1,92 @@
+"""The method interface and the losses every method shares."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..engine.optim import ScheduledOptimizer, build_optimizer
+
+IGNORE_INDEX = 255
+
+
+@dataclass
+class MethodConfig:
+    name: str = "source_only"
+
+
+def upsample(logits: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear, align_corners=True: the ADVENT/DeepLab convention for training losses."""
+    if logits.shape[-2:] == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def segmentation_loss(outputs: dict, labels: torch.Tensor, aux_weight: float, prefix: str = "loss_seg") -> dict:
+    """Cross-entropy on the main (and aux) logits upsampled to label size, mean over valid pixels."""
+    size = labels.shape[-2:]
+    losses = {f"{prefix}_main": F.cross_entropy(upsample(outputs["main"], size).float(), labels, ignore_index=IGNORE_INDEX)}
+    if "aux" in outputs and aux_weight > 0:
+        aux = F.cross_entropy(upsample(outputs["aux"], size).float(), labels, ignore_index=IGNORE_INDEX)
+        losses[f"{prefix}_aux"] = aux_weight * aux
+    return losses
+
+
+class UDAMethod(nn.Module):
+    """Base class. `self.model` is the plain segmenter that evaluation and export see.
+
+    Subclasses implement `training_step(batch, it) -> dict`: entries named
+    `loss*` are summed into the objective (one backward); other entries are
+    detached tensors that are only logged.
+    """
+
+    Config = MethodConfig
+    method_name = "base"
+    uses_target = True  # does the trainer need to feed the unlabelled target stream?
+    find_unused_parameters = False  # for DDP
+
+    def __init__(self, model: nn.Module, cfg, mcfg):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.mcfg = mcfg
+
+    def forward(self, batch: dict, it: int) -> dict:  # DDP calls forward
+        return self.training_step(batch, it)
+
+    def training_step(self, batch: dict, it: int) -> dict:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------- optimisation
+    def segmenter_param_groups(self) -> list[dict]:
+        groups = self.model.param_groups()
+        mult = self.cfg.optim.head_lr_mult
+        return [
+            {"params": list(groups["backbone"]), "lr_mult": 1.0},
+            {"params": list(groups["head"]), "lr_mult": mult},
+        ]
+
+    def build_optimizers(self) -> dict[str, ScheduledOptimizer]:
+        """Name -> optimizer with schedule. Subclasses add their own (discriminators, style nets)."""
+        return {"segmenter": build_optimizer(self.cfg.optim, self.segmenter_param_groups(), self.cfg.train.iters)}
+
+    # ----------------------------------------------------------- hooks
+    def before_train(self, trainer) -> None:
+        """Called once after the optimizers are built and any checkpoint is restored."""
+
+    @torch.no_grad()
+    def after_step(self, it: int) -> None:
+        """Called after the optimizers stepped (EMA teachers, memory banks)."""
+
+    def eval_model(self) -> nn.Module:
+        """The segmenter to evaluate (a teacher for methods that prefer it)."""
+        return self.model
+
+    def extra_state_dict(self) -> dict:
+        """Method state beyond nn.Module parameters/buffers (counters etc.)."""
+        return {}
+
+    def load_extra_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,249 @@
+"""Load published / saved segmenter weights by path, detecting the format.
+
+Supported formats (detected from the file's keys):
+
+* ``advent``      -- a plain state dict with DeepLabV2 key names (ADVENT
+  releases; ``num_batches_tracked`` may be absent);
+* ``imagenet_init`` -- the DeepLab/ADVENT ImageNet initialisation file: keys
+  prefixed ``Scale.``; the prefix is stripped and ``layer5.*`` is skipped;
+* ``classification`` -- a plain ImageNet classification ResNet state dict
+  (``fc.*`` present); ``fc.*`` is skipped, the trunk loaded;
+* ``segadapt``    -- ``{'model': state_dict, 'format': 'segadapt', ...}``;
+* any of the above inside ``{'state_dict': ...}``, with ``module.`` (DDP) or
+  ``_orig_mod.`` (torch.compile) prefixes.
+
+Initialisation files (``imagenet_init``, ``classification``) only need to
+cover the trunk: the classifiers may be missing, and classifier tensors whose
+shape differs (another number of classes) are skipped with a warning. A full
+checkpoint (``advent``, ``segadapt``) must match the model exactly in the
+trunk; any difference raises ``CheckpointError`` naming the file and the
+mismatch. Its classifier (``layer5``/``layer6``) may differ only when
+``strict_head=False`` (then those tensors are skipped with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from segadapt.errors import CheckpointError
+
+__all__ = ["LoadReport", "read_checkpoint", "extract_state_dict", "load_pretrained", "load_state_dict_checked"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEAD_PREFIXES: Tuple[str, ...] = ("layer5.", "layer6.")
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+_N_EXAMPLES = 3
+
+
+@dataclass
+class LoadReport:
+    """What ``load_pretrained`` did."""
+
+    path: str
+    format: str
+    loaded: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)  # in the file, not loaded
+    missing: List[str] = field(default_factory=list)  # in the model, left as initialised
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path} ({self.format}): loaded {len(self.loaded)} tensors, "
+            f"skipped {len(self.skipped)}, left initialised {len(self.missing)}"
+        )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _examples(keys: Sequence[str]) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:_N_EXAMPLES])
+    return shown + (", ..." if len(keys) > _N_EXAMPLES else "")
+
+
+def read_checkpoint(path: str | os.PathLike) -> object:
+    """``torch.load`` the file on CPU; any failure becomes a one-line ``CheckpointError``."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path}: file not found")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path}: is a directory, expected a .pth file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # The safe loader refuses pickles that reference Python objects other
+        # than tensors/containers. Older checkpoints (e.g. saving numpy scalars
+        # or an argparse.Namespace next to the weights) need the full
+        # unpickler. Only fall back for that specific refusal, not for files
+        # that are simply broken, and say so: the full unpickler can run code
+        # from the file, so it must come from a trusted source.
+        if "Unsupported global" not in str(e):
+            raise CheckpointError(f"checkpoint {path}: not a readable PyTorch file ({_one_line(e)[:200]})") from None
+        warnings.warn(
+            f"checkpoint {path} holds non-tensor Python objects; loading it with weights_only=False "
+            "(only do this for files from a trusted source)",
+            stacklevel=2,
+        )
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:  # noqa: BLE001 - report any unpickling failure as one line
+            raise CheckpointError(f"checkpoint {path}: not a readable PyTorch file ({_one_line(e2)[:200]})") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a non-torch file
+        raise CheckpointError(
+            f"checkpoint {path}: not a readable PyTorch file ({type(e).__name__}: {_one_line(e)[:200]})"
+        ) from None
+
+
+def _strip_prefix(sd: Dict[str, Tensor], prefix: str) -> Dict[str, Tensor]:
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def extract_state_dict(obj: object, path: str = "<object>") -> Tuple[Dict[str, Tensor], str]:
+    """Unwrap a loaded checkpoint to ``(state_dict, format)``.
+
+    ``format`` is one of ``'advent'``, ``'imagenet_init'``, ``'classification'``,
+    ``'segadapt'``.
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint {path}: expected a dict of tensors, found {type(obj).__name__}")
+    fmt: Optional[str] = None
+    if "model" in obj and isinstance(obj["model"], Mapping):
+        fmt = "segadapt"
+        obj = obj["model"]
+    elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad or not obj:
+        detail = f"non-tensor entries ({_examples([str(k) for k in bad])})" if bad else "no tensors"
+        raise CheckpointError(f"checkpoint {path}: not a model state dict: {detail}")
+    sd: Dict[str, Tensor] = dict(obj)
+    for prefix in _STRIP_PREFIXES:
+        sd = _strip_prefix(sd, prefix)
+    if fmt is None:
+        if any(k.startswith("Scale.") for k in sd):
+            fmt = "imagenet_init"
+            sd = {k[len("Scale."):]: v for k, v in sd.items() if k.startswith("Scale.")}
+            # The DeepLab init file's layer5 is its own classifier (ImageNet /
+            # VOC classes), never ours: always skipped by name.
+        elif "fc.weight" in sd:
+            fmt = "classification"
+        else:
+            fmt = "advent"
+    return sd, fmt
+
+
+def _is_head(key: str, head_prefixes: Sequence[str]) -> bool:
+    return any(key.startswith(p) for p in head_prefixes)
+
+
+def load_state_dict_checked(
+    model: nn.Module,
+    sd: Dict[str, Tensor],
+    fmt: str,
+    path: str = "<state dict>",
+    strict_head: bool = False,
+) -> LoadReport:
+    """Load an already-unwrapped state dict with the rules of ``load_pretrained``."""
+    head_prefixes: Sequence[str] = getattr(model, "HEAD_PREFIXES", DEFAULT_HEAD_PREFIXES)
+    init_file = fmt in ("imagenet_init", "classification")
+    target = model.state_dict()
+    report = LoadReport(path=path, format=fmt)
+
+    to_load: Dict[str, Tensor] = {}
+    unexpected: List[str] = []
+    shape_bad: List[str] = []
+    head_skipped: List[str] = []
+    for k, v in sd.items():
+        if fmt == "imagenet_init" and k.startswith("layer5."):
+            report.skipped.append(k)
+            continue
+        if fmt == "classification" and k.startswith("fc."):
+            report.skipped.append(k)
+            continue
+        if k not in target:
+            if k.endswith("num_batches_tracked"):
+                report.skipped.append(k)
+            elif _is_head(k, head_prefixes) and (init_file or not strict_head):
+                head_skipped.append(k)
+            else:
+                unexpected.append(k)
+            continue
+        if tuple(v.shape) != tuple(target[k].shape):
+            if _is_head(k, head_prefixes) and (init_file or not strict_head):
+                head_skipped.append(f"{k}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}")
+            else:
+                shape_bad.append(f"{k} file {tuple(v.shape)} vs model {tuple(target[k].shape)}")
+            continue
+        to_load[k] = v
+
+    missing: List[str] = []
+    allowed_missing: List[str] = []
+    for k in target:
+        if k in to_load:
+            continue
+        if k.endswith("num_batches_tracked") or (_is_head(k, head_prefixes) and (init_file or not strict_head)):
+            allowed_missing.append(k)
+        else:
+            missing.append(k)
+
+    if missing or unexpected or shape_bad:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {_examples(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {_examples(unexpected)})")
+        if shape_bad:
+            parts.append(f"{len(shape_bad)} shape mismatches (e.g. {_examples(shape_bad)})")
+        raise CheckpointError(
+            f"checkpoint {path} ({fmt}) does not match the model "
+            f"({type(model).__name__}): " + "; ".join(parts)
+        )
+    head_absent = [k for k in allowed_missing if not k.endswith("num_batches_tracked") and k not in sd]
+    if head_absent and not init_file:
+        warnings.warn(
+            f"checkpoint {path} ({fmt}): no classifier weights for {len(head_absent)} model tensors "
+            f"(left initialised; e.g. {_examples(head_absent)})",
+            stacklevel=3,
+        )
+    if head_skipped:
+        warnings.warn(
+            f"checkpoint {path} ({fmt}): classifier tensors not loaded (left initialised): "
+            f"{len(head_skipped)} (e.g. {_examples(head_skipped)})",
+            stacklevel=3,
+        )
+        report.skipped.extend(k.split(":")[0] for k in head_skipped)
+
+    try:
+        result = model.load_state_dict(to_load, strict=False)
+    except RuntimeError as e:  # should not happen after the checks above
+        raise CheckpointError(f"checkpoint {path}: {_one_line(e)[:300]}") from None
+    report.loaded = sorted(to_load)
+    report.missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    log.info("%s", report)
+    return report
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, strict_head: bool = False) -> LoadReport:
+    """Load weights from ``path`` into ``model`` (in place); see the module doc.
+
+    Returns a ``LoadReport`` (``format``, ``loaded``, ``skipped``, ``missing``).
+    Raises ``CheckpointError`` (one line, naming the file) when the file is
+    missing/unreadable or belongs to a different model.
+    """
+    path = os.fspath(path)
+    obj = read_checkpoint(path)
+    sd, fmt = extract_state_dict(obj, path)
+    return load_state_dict_checked(model, sd, fmt, path=path, strict_head=strict_head)

@@ -1,0 +1,231 @@
+"""DeepLabV2 segmenter in the ADVENT variant (ResNet trunk + ASPP-sum classifiers).
+
+The state-dict layout is exactly ADVENT's ``ResNetMulti``: the trunk modules
+sit at the top level (``conv1``, ``bn1``, ``layer1`` .. ``layer4``), ``layer5``
+is the auxiliary classifier on layer3 and ``layer6`` the main classifier on
+layer4, each a ``ClassifierModule`` with ``conv2d_list.0..3``.
+
+The model takes RGB images in [0, 1] and normalises them itself
+(``normalization='advent_bgr'`` or ``'imagenet_rgb'``). Logits come out at
+output stride 8 and are NOT upsampled.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from segadapt.errors import ConfigError
+
+from .resnet import BN_MODES, STEMS, ResNet
+
+__all__ = [
+    "ADVENT_BGR_MEAN",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NORMALIZATIONS",
+    "BACKBONES",
+    "InputNormalization",
+    "normalize_input",
+    "ClassifierModule",
+    "DeepLabV2",
+    "build_segmenter",
+]
+
+# Caffe/ADVENT mean in BGR order, on the 0..255 scale.
+ADVENT_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = ("advent_bgr", "imagenet_rgb")
+BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
+
+
+def _norm_constants(kind: str) -> Tuple[bool, float, Tuple[float, ...], Tuple[float, ...]]:
+    """(flip RGB->BGR, input scale, mean, std) for a normalisation name."""
+    if kind == "advent_bgr":
+        return True, 255.0, ADVENT_BGR_MEAN, (1.0, 1.0, 1.0)
+    if kind == "imagenet_rgb":
+        return False, 1.0, IMAGENET_MEAN, IMAGENET_STD
+    raise ValueError(f"unknown normalization {kind!r}; choose one of {NORMALIZATIONS}")
+
+
+def normalize_input(x: Tensor, kind: str) -> Tensor:
+    """Functional form: RGB in [0, 1], shape (B, 3, H, W) -> normalised network input.
+
+    ``advent_bgr``: ``x * 255``, RGB -> BGR, minus ``ADVENT_BGR_MEAN`` (no std).
+    ``imagenet_rgb``: ``(x - IMAGENET_MEAN) / IMAGENET_STD``.
+    """
+    flip, scale, mean, std = _norm_constants(kind)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    if flip:
+        x = x.flip(1)
+    return (x * scale - m) / s
+
+
+class InputNormalization(nn.Module):
+    """Module form of ``normalize_input``; constants are non-persistent buffers
+    (they follow ``.to(device)`` but stay out of the state dict)."""
+
+    def __init__(self, kind: str = "advent_bgr") -> None:
+        super().__init__()
+        flip, scale, mean, std = _norm_constants(kind)
+        self.kind = kind
+        self.flip = flip
+        self.scale = scale
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.flip:
+            x = x.flip(1)
+        return (x * self.scale - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
+
+
+class ClassifierModule(nn.Module):
+    """ADVENT's "ASPP": parallel 3x3 convs with dilation = padding = d, outputs summed."""
+
+    def __init__(self, in_channels: int, num_classes: int, dilations: Sequence[int] = (6, 12, 18, 24)) -> None:
+        super().__init__()
+        self.conv2d_list = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, stride=1, padding=d, dilation=d, bias=True) for d in dilations
+        )
+        for conv in self.conv2d_list:
+            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            # ADVENT leaves the bias at PyTorch's default; zero is the
+            # deterministic, unbiased-logit choice and is overwritten by any
+            # checkpoint anyway.
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv2d_list[0](x)
+        for i, conv in enumerate(self.conv2d_list):
+            if i > 0:
+                out = out + conv(x)
+        return out
+
+
+class DeepLabV2(ResNet):
+    """DeepLabV2 (ADVENT ``ResNetMulti`` layout) on a dilated ResNet.
+
+    ``forward(x, return_features=False)`` with ``x`` RGB in [0, 1], (B, 3, H, W),
+    returns ``{'main': (B, C, h, w), 'aux': (B, C, h, w)}`` (``aux`` only if
+    ``aux=True``) and ``'features'`` (layer4 output) if ``return_features``,
+    where ``h = ceil(H / 8)``, ``w = ceil(W / 8)``.
+    """
+
+    HEAD_PREFIXES: Tuple[str, ...] = ("layer5.", "layer6.")
+
+    def __init__(
+        self,
+        num_classes: int = 19,
+        depth: int = 101,
+        base_width: int = 64,
+        stem: str = "caffe",
+        aux: bool = True,
+        normalization: str = "advent_bgr",
+        bn_mode: str = "train",
+        stride_in_1x1: bool = True,
+        aspp_dilations: Sequence[int] = (6, 12, 18, 24),
+    ) -> None:
+        super().__init__(
+            depth=depth, base_width=base_width, stem=stem, bn_mode=bn_mode, stride_in_1x1=stride_in_1x1
+        )
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.aux = aux
+        self.normalization = normalization
+        self.normalize = InputNormalization(normalization)
+        self.layer5 = ClassifierModule(self.stage_channels[2], num_classes, aspp_dilations) if aux else None
+        self.layer6 = ClassifierModule(self.stage_channels[3], num_classes, aspp_dilations)
+
+    def forward(self, x: Tensor, return_features: bool = False) -> Dict[str, Tensor]:  # type: ignore[override]
+        x = self.normalize(x)
+        x = self.forward_stem(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        c3 = self.layer3(x)
+        c4 = self.layer4(c3)
+        out: Dict[str, Tensor] = {"main": self.layer6(c4)}
+        if self.layer5 is not None:
+            out["aux"] = self.layer5(c3)
+        if return_features:
+            out["features"] = c4
+        return out
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        mods = [m for m in (self.layer5, self.layer6) if m is not None]
+        return [p for m in mods for p in m.parameters() if p.requires_grad]
+
+    def backbone_parameters(self) -> List[nn.Parameter]:
+        head = {id(p) for m in (self.layer5, self.layer6) if m is not None for p in m.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in head]
+
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """``{'backbone': [...], 'head': [...]}`` (trainable parameters only); the
+        ADVENT recipe gives the head (layer5 + layer6) 10x the learning rate."""
+        return {"backbone": self.backbone_parameters(), "head": self.head_parameters()}
+
+
+def _cfg_get(cfg, name: str, default):
+    if isinstance(cfg, dict):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+def build_segmenter(cfg) -> DeepLabV2:
+    """Build the segmenter from a config object (attributes or a dict).
+
+    Fields: ``arch`` ('deeplabv2'), ``backbone`` ('resnet101'|'resnet50'|
+    'resnet34'|'resnet18'), ``base_width`` (64), ``stem`` ('caffe'|'v1c'),
+    ``num_classes`` (19), ``aux`` (True), ``normalization`` ('advent_bgr'|
+    'imagenet_rgb'), ``bn_mode`` ('train'|'eval'), ``pretrained`` (path or
+    None, loaded with ``checkpoints.load_pretrained``), optional
+    ``stride_in_1x1`` (True). Invalid values raise ``ConfigError``.
+    """
+    arch = _cfg_get(cfg, "arch", "deeplabv2")
+    if arch != "deeplabv2":
+        raise ConfigError(f"model.arch: unknown architecture {arch!r}; supported: 'deeplabv2'")
+    backbone = _cfg_get(cfg, "backbone", "resnet101")
+    if backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone: unknown backbone {backbone!r}; supported: {', '.join(BACKBONES)}")
+    stem = _cfg_get(cfg, "stem", "caffe")
+    if stem not in STEMS:
+        raise ConfigError(f"model.stem: unknown stem {stem!r}; supported: {', '.join(STEMS)}")
+    normalization = _cfg_get(cfg, "normalization", "advent_bgr")
+    if normalization not in NORMALIZATIONS:
+        raise ConfigError(
+            f"model.normalization: unknown normalization {normalization!r}; supported: {', '.join(NORMALIZATIONS)}"
+        )
+    bn_mode = _cfg_get(cfg, "bn_mode", "train")
+    if bn_mode not in BN_MODES:
+        raise ConfigError(f"model.bn_mode: unknown BN mode {bn_mode!r}; supported: {', '.join(BN_MODES)}")
+    base_width = _cfg_get(cfg, "base_width", 64)
+    if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 2 or base_width % 2:
+        raise ConfigError(f"model.base_width must be an even integer >= 2, got {base_width!r}")
+    num_classes = _cfg_get(cfg, "num_classes", 19)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"model.num_classes must be a positive integer, got {num_classes!r}")
+
+    model = DeepLabV2(
+        num_classes=num_classes,
+        depth=BACKBONES[backbone],
+        base_width=base_width,
+        stem=stem,
+        aux=bool(_cfg_get(cfg, "aux", True)),
+        normalization=normalization,
+        bn_mode=bn_mode,
+        stride_in_1x1=bool(_cfg_get(cfg, "stride_in_1x1", True)),
+    )
+    pretrained = _cfg_get(cfg, "pretrained", None)
+    if pretrained:
+        from .checkpoints import load_pretrained
+
+        load_pretrained(model, pretrained)
+    return model

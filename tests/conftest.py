@@ -1,0 +1,45 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+CITYSCAPES_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cityscapes_sample"
+
+# a tiny benchmark and a tiny model: every training test runs in seconds
+TINY_SYNTH = dict(seed=0, size=(64, 32), num_source=16, num_source_val=4, num_target_train=8, num_target_val=4)
+
+
+def tiny_overrides(synth_dir, out_dir, **extra) -> list[str]:
+    o = {
+        "synthetic.out": str(synth_dir),
+        "synthetic.size": "[64, 32]",
+        "synthetic.num_source": 16,
+        "synthetic.num_source_val": 4,
+        "synthetic.num_target_train": 8,
+        "synthetic.num_target_val": 4,
+        "synthetic.workers": 1,
+        "out_dir": str(out_dir),
+        "model.base_width": 8,
+        "train.iters": 6,
+        "train.batch_source": 2,
+        "train.batch_target": 2,
+        "train.num_workers": 0,
+        "train.log_every": 2,
+        "train.ckpt_every": 3,
+        "train.eval_every": 0,
+    }
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory):
+    from segadapt.data.synthetic import SynthParams, generate
+
+    out = tmp_path_factory.mktemp("synth") / "bench"
+    generate(out, SynthParams(**TINY_SYNTH, workers=1))
+    return out
