@@ -56,7 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
 
     sub.add_parser("configs", help="list the packaged configs")
+    _register_extra_commands(sub)
     return parser
+
+
+def _register_extra_commands(sub) -> None:
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
 
 
 def cmd_train(args) -> int:
@@ -110,7 +121,7 @@ def cmd_test(args) -> int:
     stored = None
     if args.config is None:
         try:
-            obj = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            obj = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}") from None
         stored = obj.get("config") if isinstance(obj, dict) else None
@@ -179,12 +190,21 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # overrides may stand anywhere among the options (argparse stops filling a
+    # positional list once an option follows it)
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     from .errors import SegadaptError
 
     handlers = {"train": cmd_train, "test": cmd_test, "synth": cmd_synth, "configs": cmd_configs}
     try:
-        return handlers[args.command](args)
+        return handlers[args.command](args) if args.command in handlers else args.func(args)
     except SegadaptError as e:
         if args.debug:
             raise

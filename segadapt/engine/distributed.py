@@ -62,3 +62,10 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank hold rank `src`'s buffers (BN statistics drift apart under DDP)."""
+    if is_dist():
+        for b in module.buffers():
+            dist.broadcast(b, src)

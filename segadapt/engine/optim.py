@@ -38,14 +38,15 @@ def _is_norm(name: str, p: torch.Tensor) -> bool:
 
 
 def build_optimizer(cfg: OptimConfig, groups: Iterable[dict], total_iters: int) -> ScheduledOptimizer:
-    """`groups`: dicts with `params` (list of (name, param)) and `lr_mult`.
+    """`groups`: dicts with `params` (list of (name, param) or of params) and `lr_mult`.
 
     SGD (ADVENT: momentum 0.9, wd 5e-4) or AdamW (DAFormer: wd 0.01, optional no
     decay on norm parameters), heads at `lr_mult` times the base rate.
     """
     param_groups = []
     for g in groups:
-        named = [(n, p) for n, p in g["params"] if p.requires_grad]
+        named = [item if isinstance(item, tuple) else ("", item) for item in g["params"]]
+        named = [(n, p) for n, p in named if p.requires_grad]
         lr = cfg.lr * g.get("lr_mult", 1.0)
         if cfg.no_decay_norm:
             decay = [p for n, p in named if not _is_norm(n, p)]

@@ -122,11 +122,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.amp == "fp16")
 
         pin = self.device.type == "cuda"
-        self.streams = {"source": DataStream(self.source_ds, tc.batch_source, tc.seed, tc.num_workers,
-                                             self.rank, self.world, pin)}
-        if self.target_ds is not None:
-            self.streams["target"] = DataStream(self.target_ds, tc.batch_target, tc.seed + 1, tc.num_workers,
-                                                self.rank, self.world, pin)
+        self.streams = {}
+        for domain, ds, bs, seed in (("source", self.source_ds, tc.batch_source, tc.seed),
+                                     ("target", self.target_ds, tc.batch_target, tc.seed + 1)):
+            if ds is None:
+                continue
+            custom = self.method.stream_sampler(domain, ds)
+            kw = {"sampler_cls": custom[0], "sampler_kwargs": custom[1]} if custom else {}
+            self.streams[domain] = DataStream(ds, bs, seed, tc.num_workers, self.rank, self.world, pin, **kw)
         self.start_iter = 0
         self.history: list[dict] = []
         if resume is not None:
@@ -200,6 +203,7 @@ class Trainer:
             raise TrainingError(f"non-finite loss ({', '.join(bad)}) before iteration {it}; run stopped, {where}")
 
     def evaluate(self, iteration: int):
+        dist_utils.broadcast_buffers(self.method)  # evaluate (and save) rank 0's model on every rank
         loader = build_eval_loader(self.cfg, self.eval_ds)
         result = evaluate(self.method.eval_model(), loader, device=self.device, progress=self.progress,
                           class_names=None, **eval_kwargs(self.cfg))
@@ -256,16 +260,19 @@ class Trainer:
                     lrs = {f"lr_{k}": o.optimizer.param_groups[0]["lr"] for k, o in self.optimizers.items()}
                     self.logger.log_train(done, {**means, **lrs}, (time.time() - t0) / n_acc)
                     sums, n_acc, t0 = {}, 0, time.time()
-                if tc.eval_every and done % tc.eval_every == 0 and done != tc.iters:
+                if (tc.eval_every and done % tc.eval_every == 0 and done != tc.iters
+                        and self.method.trains_segmenter):
                     self.evaluate(done)
                     self.method.train()
                 if done % tc.ckpt_every == 0 or done == tc.iters:
                     self.save(done)
                     last_good = done
-            result = self.evaluate(tc.iters)
+            if self.method.trains_segmenter:
+                result = self.evaluate(tc.iters)
             if self.is_main:
                 self.save(tc.iters, "final.pth")
-                result.save(self.out_dir, "results")
+                if result is not None:
+                    result.save(self.out_dir, "results")
                 (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1))
         except KeyboardInterrupt:
             self.logger.close()

@@ -6,7 +6,6 @@ subclass whose `Config` dataclass lists its hyper-parameters.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 
 from ..errors import ConfigError
@@ -55,9 +54,16 @@ def build_method(cfg, model) -> UDAMethod:
 
 
 def _import_builtin() -> None:
-    # imported lazily so that `segadapt.config` can import this package cheaply
-    from . import source_only  # noqa: F401
+    """Import every module of this package once, so each registers its methods.
+
+    Lazy, so that `segadapt.config` can import this package cheaply.
+    """
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 __all__ = ["UDAMethod", "MethodConfig", "register_method", "build_method", "method_config", "method_names"]
-_ = dataclasses

@@ -45,6 +45,7 @@ class UDAMethod(nn.Module):
     Config = MethodConfig
     method_name = "base"
     uses_target = True  # does the trainer need to feed the unlabelled target stream?
+    trains_segmenter = True  # False for pure style-transfer pre-training (no segmentation eval)
     find_unused_parameters = False  # for DDP
 
     def __init__(self, model: nn.Module, cfg, mcfg):
@@ -61,11 +62,11 @@ class UDAMethod(nn.Module):
 
     # ----------------------------------------------------------- optimisation
     def segmenter_param_groups(self) -> list[dict]:
-        groups = self.model.param_groups()
-        mult = self.cfg.optim.head_lr_mult
+        head_ids = {id(p) for p in self.model.param_groups()["head"]}
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         return [
-            {"params": list(groups["backbone"]), "lr_mult": 1.0},
-            {"params": list(groups["head"]), "lr_mult": mult},
+            {"params": [(n, p) for n, p in named if id(p) not in head_ids], "lr_mult": 1.0},
+            {"params": [(n, p) for n, p in named if id(p) in head_ids], "lr_mult": self.cfg.optim.head_lr_mult},
         ]
 
     def build_optimizers(self) -> dict[str, ScheduledOptimizer]:
@@ -73,6 +74,11 @@ class UDAMethod(nn.Module):
         return {"segmenter": build_optimizer(self.cfg.optim, self.segmenter_param_groups(), self.cfg.train.iters)}
 
     # ----------------------------------------------------------- hooks
+    def stream_sampler(self, domain: str, dataset):
+        """(sampler_cls, kwargs) for the 'source'/'target' stream, or None for the default
+        uniform `StreamSampler` (rare class sampling plugs in here)."""
+        return None
+
     def before_train(self, trainer) -> None:
         """Called once after the optimizers are built and any checkpoint is restored."""
 
