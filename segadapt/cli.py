@@ -213,6 +213,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"segadapt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     finally:
         from .engine.distributed import cleanup
 

@@ -43,6 +43,9 @@ class ModelConfig:
     backbone: str = "resnet101"
     base_width: int = 64  # 64 = standard widths; 16/32 for CPU work
     stem: str = "caffe"  # caffe (7x7) | v1c (three 3x3)
+    # ADVENT/Caffe ResNets stride in the first 1x1 conv; torchvision/mmseg-style
+    # ImageNet weights stride in the 3x3 conv (same shapes, so set this to match them)
+    stride_in_1x1: bool = True
     num_classes: int = 19
     aux: bool = True  # layer5 on layer3
     aux_weight: float = 0.1

@@ -4,7 +4,9 @@
 ('gta5', 'cityscapes', 'synthia', 'folder').  Items are read with
 ``ds[index]`` (deterministic: resize only) or ``ds[(index, seed)]`` (random crop
 and flip drawn from ``np.random.default_rng(seed)``, so an augmentation is
-reproducible from its per-sample seed).
+reproducible from its per-sample seed).  Rare class sampling uses
+``ds[(index, seed, class_id, min_pixels[, attempts])]``: the crop is re-drawn
+until it holds ``min_pixels`` pixels of ``class_id``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from segadapt.data import io as _io
 from segadapt.data.labels import cityscapes_lut, map_labels, synthia_lut, train_id_lut
 from segadapt.data.transforms import (
     label_to_tensor,
+    pad_to,
     random_crop,
     random_hflip,
     resize_image,
@@ -261,11 +264,35 @@ class SegDataset(torch.utils.data.Dataset):
             warnings.warn(f"{self.display}: {problem}; label nearest-resized to the image size", stacklevel=3)
         return resize_label(label, (iw, ih))
 
+    def _class_crop(self, image, label, rng, class_id: int, min_pixels: int, attempts: int):
+        """Rare class sampling: re-draw the random crop (up to ``attempts`` times) until it holds
+        at least ``min_pixels`` pixels of ``class_id``; the last draw is kept otherwise."""
+        if label is None:
+            return random_crop(image, label, self.crop, rng)
+        image, label = pad_to(image, label, self.crop)  # once, not per attempt
+        for _ in range(max(1, attempts)):
+            img_c, lbl_c = random_crop(image, label, self.crop, rng)
+            if int(np.count_nonzero(lbl_c == class_id)) >= min_pixels:
+                break
+        return img_c, lbl_c
+
     def __getitem__(self, key) -> dict:
+        """``index`` | ``(index, seed)`` | ``(index, seed, class_id, min_pixels[, attempts=10])``.
+
+        The long form (rare class sampling) re-draws the crop until it holds
+        ``min_pixels`` of ``class_id`` (see ``_class_crop``).
+        """
+        crop_class = None
         if isinstance(key, tuple):
-            if len(key) != 2:
-                raise TypeError(f"dataset key must be an index or (index, seed), got {key!r}")
-            index, seed = key
+            if len(key) == 2:
+                index, seed = key
+            elif len(key) in (4, 5):
+                index, seed, crop_class, crop_min_pixels = key[:4]
+                crop_attempts = key[4] if len(key) == 5 else 10
+            else:
+                raise TypeError(
+                    f"dataset key must be an index, (index, seed) or (index, seed, class_id, min_pixels[, attempts]), "
+                    f"got {key!r}")
             rng = np.random.default_rng(seed)
         else:
             index, rng = key, None
@@ -281,7 +308,9 @@ class SegDataset(torch.utils.data.Dataset):
             if label is not None and not self.keep_label_size:
                 label = resize_label(label, self.resize)
         if rng is not None:
-            if self.crop is not None:
+            if self.crop is not None and crop_class is not None:
+                image, label = self._class_crop(image, label, rng, crop_class, crop_min_pixels, crop_attempts)
+            elif self.crop is not None:
                 image, label = random_crop(image, label, self.crop, rng)
             if self.flip:
                 image, label = random_hflip(image, label, rng)

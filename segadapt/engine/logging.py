@@ -66,7 +66,7 @@ class RunLogger:
         line = f"iteration {it}: mIoU {result.miou * 100:.2f}"
         for k, v in result.subset_mious.items():
             line += f", {k} {v * 100:.2f}"
-        self._write(line)
+        self.info(line)
         if self.metrics_file is not None:
             self.metrics_file.write(json.dumps({"iteration": it, "eval/mIoU": result.miou,
                                                 **{f"eval/{k}": v for k, v in result.subset_mious.items()}}) + "\n")
@@ -100,7 +100,7 @@ class RunLogger:
         if rows:
             self.tb.add_images("eval/input_prediction_label", torch.cat(rows, 0), it)
 
-    def _write(self, msg: str) -> None:
+    def info(self, msg: str) -> None:
         if self.bar is not None:
             self.bar.write(msg)
         else:

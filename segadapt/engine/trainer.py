@@ -132,6 +132,7 @@ class Trainer:
             self.streams[domain] = DataStream(ds, bs, seed, tc.num_workers, self.rank, self.world, pin, **kw)
         self.start_iter = 0
         self.history: list[dict] = []
+        self.logger = RunLogger(self.out_dir, cfg, enabled=self.is_main, tensorboard=tc.tensorboard)
         if resume is not None:
             self._restore(load_checkpoint(resume), resume)
         else:
@@ -143,7 +144,6 @@ class Trainer:
             self.ddp = DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.method.find_unused_parameters)
-        self.logger = RunLogger(self.out_dir, cfg, enabled=self.is_main, tensorboard=tc.tensorboard)
 
     # ------------------------------------------------------------------ state
     def state_dict(self, iteration: int) -> dict:
@@ -159,6 +159,9 @@ class Trainer:
             "rng": rng_state(),
             "streams": {k: s.state_dict() for k, s in self.streams.items()},
             "history": self.history,
+            # what evaluation scored, when it is not the student (e.g. an EMA teacher)
+            **({"eval_model": self.method.eval_model().state_dict()}
+               if self.method.eval_model() is not self.model else {}),
         }
 
     def _restore(self, ckpt: dict, where: str) -> None:
@@ -273,6 +276,7 @@ class Trainer:
                 self.save(tc.iters, "final.pth")
                 if result is not None:
                     result.save(self.out_dir, "results")
+                self.method.on_train_end(self.out_dir)
                 (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1))
         except KeyboardInterrupt:
             self.logger.close()

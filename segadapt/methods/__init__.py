@@ -48,8 +48,10 @@ def method_config(data: dict, origins=None) -> MethodConfig:
 
 
 def build_method(cfg, model) -> UDAMethod:
+    from ..config import build_dataclass
+
     cls = get_method_class(cfg.method["name"])
-    mcfg = cls.Config(**cfg.method) if isinstance(cfg.method, dict) else cfg.method
+    mcfg = build_dataclass(cls.Config, cfg.method, None, "method.") if isinstance(cfg.method, dict) else cfg.method
     return cls(model, cfg, mcfg)
 
 

@@ -86,6 +86,9 @@ class UDAMethod(nn.Module):
     def after_step(self, it: int) -> None:
         """Called after the optimizers stepped (EMA teachers, memory banks)."""
 
+    def on_train_end(self, out_dir) -> None:
+        """Called on the main process after the final checkpoint (e.g. export style-net weights)."""
+
     def eval_model(self) -> nn.Module:
         """The segmenter to evaluate (a teacher for methods that prefer it)."""
         return self.model
