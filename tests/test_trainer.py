@@ -103,3 +103,20 @@ def test_oracle_trains_on_target_labels(tiny_synth, tmp_path):
     trainer = Trainer(cfg, progress=False)
     assert trainer.source_ds.__class__.__name__.lower().startswith("cityscapes")
     assert "target" not in trainer.streams  # source_only needs no unlabelled stream
+
+
+def test_bf16_autocast_and_channels_last_run(tiny_synth, tmp_path):
+    cfg = cfg_for(tiny_synth, tmp_path / "run", **{"train.amp": "bf16", "train.channels_last": "true",
+                                                   "train.iters": 2, "train.ckpt_every": 2})
+    result = train_from_config(cfg, progress=False)
+    assert 0.0 <= result.miou <= 1.0
+    assert load_checkpoint(tmp_path / "run")["iteration"] == 2
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tiny_synth, tmp_path):
+    from segadapt.errors import CheckpointError
+
+    train_from_config(cfg_for(tiny_synth, tmp_path / "a", **{"train.iters": 3}), progress=False)
+    cfg = cfg_for(tiny_synth, tmp_path / "b", **{"model.base_width": 16})
+    with pytest.raises(CheckpointError, match="does not match"):
+        Trainer(cfg, resume=str(tmp_path / "a" / "last.pth"), progress=False)
