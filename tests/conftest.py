@@ -43,3 +43,15 @@ def tiny_synth(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "bench"
     generate(out, SynthParams(**TINY_SYNTH, workers=1))
     return out
+
+
+def assert_optimizer_states_equal(a: dict, b: dict) -> None:
+    """Every tensor of every parameter's optimizer state (momentum, Adam moments, step) is equal."""
+    assert a.keys() == b.keys()
+    for i in a:
+        assert a[i].keys() == b[i].keys()
+        for name, v in a[i].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, b[i][name]), (i, name)
+            else:
+                assert v == b[i][name], (i, name)

@@ -21,7 +21,7 @@ from segadapt.methods.losses import (
 from segadapt.models.deeplabv2 import build_segmenter
 from segadapt.models.heads import ProjectionHead
 
-from .conftest import tiny_overrides
+from .conftest import assert_optimizer_states_equal, tiny_overrides
 
 
 # --------------------------------------------------------------------------- the loss helpers
@@ -269,7 +269,7 @@ def tiny_cfcontra(*extra):
 
 
 def test_train_head_switch_and_optimizers():
-    method = tiny_cfcontra()
+    method = tiny_cfcontra("optim.lr=0.01", "optim.head_lr_mult=10")
     assert isinstance(method.head, ProjectionHead) and method.head.kind == "mlp"
     convs = [m for m in method.head.modules() if isinstance(m, nn.Conv2d)]
     width = method.model.feature_channels
@@ -391,5 +391,5 @@ def test_tiny_run_and_exact_resume(tiny_synth, tmp_path, monkeypatch):
         for k, v in ref[part].items():
             assert torch.equal(v, got[part][k]), (part, k)
     a, b = ref["optimizers"]["segmenter"]["state"], got["optimizers"]["segmenter"]["state"]
-    assert all(torch.equal(a[i]["momentum_buffer"], b[i]["momentum_buffer"]) for i in a)
+    assert_optimizer_states_equal(a, b)
     assert ref["streams"] == got["streams"]
