@@ -60,7 +60,7 @@ def _dataset(kind: str, root: str, split: str, cfg, what: str):
 
 
 def run(args) -> int:
-    from segadapt.commands.stylize import resolve_device
+    from segadapt.engine.distributed import resolve_device
     from segadapt.errors import ConfigError
     from segadapt.models.adain import AdaINStylizer, AdaINTrainConfig, train_decoder
 

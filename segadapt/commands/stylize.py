@@ -56,22 +56,6 @@ def register(subparsers) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def resolve_device(name: str):
-    import torch
-
-    from segadapt.errors import ConfigError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device: unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def is_eval_split(kind: str, split: str, root: Path) -> bool:
     """The benchmark's evaluation images: Cityscapes val, or a bare folder inside a val split."""
     if kind == "cityscapes":
@@ -216,6 +200,8 @@ def run(args) -> int:
     settings_path = out / SETTINGS_FILE
     if out.exists() and any(out.iterdir()) and not settings_path.is_file():
         raise ConfigError(f"--out {out} is a non-empty folder that is not a stylize output")
+
+    from segadapt.engine.distributed import resolve_device
 
     device = resolve_device(args.device)
     ds, with_labels = _build_dataset(args, root)

@@ -34,18 +34,23 @@ def init_from_env(device: str) -> torch.device:
     return resolve_device(device)
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` picks this rank's GPU when present; asking for CUDA without it is a user error."""
+    from ..errors import ConfigError
+
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from ..errors import ConfigError
-
-        raise ConfigError(f"train.device={device} but CUDA is not available on this machine")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{device}' (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device}: CUDA is not available on this machine (use cpu)")
     if device == "cuda" and is_dist():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(device)
+    return dev
 
 
 def barrier() -> None:

@@ -31,6 +31,7 @@ from ..data.io import image_size, read_image, write_png
 from ..data.labels import colorize
 from ..data.transforms import resize_image, to_tensor
 from ..errors import CheckpointError, ConfigError, DatasetError
+from .distributed import resolve_device  # noqa: F401 - part of this module's API
 from .inference import predict_logits
 
 __all__ = [
@@ -61,19 +62,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
     return p
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present; asking for CUDA without it is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device: unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
 
 
 def load_segmenter(checkpoint: str | os.PathLike, config: Optional[str] = None,
