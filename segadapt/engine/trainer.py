@@ -37,6 +37,13 @@ from .logging import RunLogger
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def make_grad_scaler(device_type: str, enabled: bool):
+    """fp16 loss scaling; torch.amp.GradScaler appeared in torch 2.3 (we support >= 2.2)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device_type == "cuda")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -119,7 +126,7 @@ class Trainer:
         self.target_ds = build_dataset(cfg.target) if self.method.uses_target else None
         self.optimizers = self.method.build_optimizers()
         self.amp_dtype = AMP_DTYPES.get(tc.amp)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.amp == "fp16")
+        self.scaler = make_grad_scaler(self.device.type, enabled=tc.amp == "fp16")
 
         pin = self.device.type == "cuda"
         self.streams = {}
