@@ -55,3 +55,27 @@ def assert_optimizer_states_equal(a: dict, b: dict) -> None:
                 assert torch.equal(v, b[i][name]), (i, name)
             else:
                 assert v == b[i][name], (i, name)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_synth, tmp_path_factory):
+    """A 2-iteration source-only run on the tiny benchmark (read-only for the tests using it)."""
+    from segadapt.config import load_config
+    from segadapt.engine.trainer import train_from_config
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    cfg = load_config("synthetic/source_only", tiny_overrides(tiny_synth, out, **{"train.iters": 2,
+                                                                                  "train.ckpt_every": 2}))
+    train_from_config(cfg, progress=False)
+    return out
+
+
+def load_eager_segmenter(run_dir):
+    """The run's final segmenter, built directly from its checkpoint (independent of predictor/export code)."""
+    from segadapt.config import load_config
+    from segadapt.models.deeplabv2 import build_segmenter
+
+    ckpt = torch.load(Path(run_dir) / "final.pth", map_location="cpu", weights_only=False)
+    model = build_segmenter(load_config(None, base=ckpt["config"]).model)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()

@@ -7,34 +7,23 @@ import torch
 from PIL import Image
 
 from segadapt.cli import main
-from segadapt.config import load_config
 from segadapt.data.io import read_image, read_label
 from segadapt.data.labels import PALETTE
 from segadapt.data.transforms import resize_image, to_tensor
 from segadapt.engine.inference import predict, predict_logits
 from segadapt.engine.predictor import collect_images
-from segadapt.engine.trainer import train_from_config
-from segadapt.models.deeplabv2 import build_segmenter
 
-from .conftest import tiny_overrides
+from .conftest import load_eager_segmenter
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_synth, tmp_path_factory):
-    out = tmp_path_factory.mktemp("predict") / "run"
-    cfg = load_config("synthetic/source_only", tiny_overrides(tiny_synth, out, **{"train.iters": 2,
-                                                                                  "train.ckpt_every": 2}))
-    train_from_config(cfg, progress=False)
-    return out
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
 def eager(run_dir):
-    """The trained segmenter, built independently of segadapt.engine.predictor."""
-    ckpt = torch.load(run_dir / "final.pth", map_location="cpu", weights_only=False)
-    model = build_segmenter(load_config(None, base=ckpt["config"]).model)
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    return load_eager_segmenter(run_dir)
 
 
 @pytest.fixture

@@ -66,14 +66,7 @@ from segadapt.errors import ConfigError, DatasetError
 
 FORMAT_VERSION = 1
 MARKER_NAME = "synthetic.json"
-NUM_CLASSES = 19
-IGNORE_INDEX = 255
-
-CLASS_NAMES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
-    "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
-    "truck", "bus", "train", "motorcycle", "bicycle",
-)
+from segadapt.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES  # noqa: E402,F401 - re-exported
 
 # internal class codes besides the 19 train ids (all are "ignore" as train ids)
 _STATIC = 253  # label id 4 "static" (bins, benches)
