@@ -1423,7 +1423,10 @@ def _write_all(root: Path, p: SynthParams) -> dict:
               "target_val": np.zeros(NUM_CLASSES, np.int64)}
     args = [(str(root), pdict, ch) for ch in chunks]
     def collect(results):
-        for res in results:
+        from tqdm import tqdm
+
+        # disable=None: a bar on terminals only
+        for res in tqdm(results, total=len(args), desc="synthetic benchmark", unit="chunk", disable=None):
             for domain, cnt in res:
                 counts[domain] += cnt
 
