@@ -72,6 +72,18 @@ def _examples(keys: Sequence[str]) -> str:
     return shown + (", ..." if len(keys) > _N_EXAMPLES else "")
 
 
+def describe_mismatch(missing: Sequence[str], unexpected: Sequence[str], shapes: Sequence[str]) -> str:
+    """'N missing keys (e.g. ...); N unexpected keys (...); N shape mismatches (...)', empty parts left out."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {_examples(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {_examples(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {_examples(shapes)})")
+    return "; ".join(parts)
+
+
 def read_checkpoint(path: str | os.PathLike) -> object:
     """``torch.load`` the file on CPU; any failure becomes a one-line ``CheckpointError``."""
     path = os.fspath(path)
@@ -200,16 +212,9 @@ def load_state_dict_checked(
             missing.append(k)
 
     if missing or unexpected or shape_bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {_examples(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {_examples(unexpected)})")
-        if shape_bad:
-            parts.append(f"{len(shape_bad)} shape mismatches (e.g. {_examples(shape_bad)})")
         raise CheckpointError(
             f"checkpoint {path} ({fmt}) does not match the model "
-            f"({type(model).__name__}): " + "; ".join(parts)
+            f"({type(model).__name__}): " + describe_mismatch(missing, unexpected, shape_bad)
         )
     head_absent = [k for k in allowed_missing if not k.endswith("num_batches_tracked") and k not in sd]
     if head_absent and not init_file:

@@ -343,12 +343,8 @@ def save_cut_weights(out_dir, G: Optional[nn.Module] = None, D: Optional[nn.Modu
     return written
 
 
-def _examples(keys: Sequence[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
-
-
 def _load_checked(net: nn.Module, path, part: str) -> None:
-    from .checkpoints import read_checkpoint
+    from .checkpoints import describe_mismatch, read_checkpoint
 
     obj = read_checkpoint(path)  # one-line CheckpointError for a missing / unreadable file
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -368,14 +364,8 @@ def _load_checked(net: nn.Module, path, part: str) -> None:
     shapes = [f"{k} file {tuple(v.shape)} vs model {tuple(target[k].shape)}"
               for k, v in state.items() if k in target and v.shape != target[k].shape]
     if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {_examples(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {_examples(unexpected)})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {_examples(shapes)})")
-        raise CheckpointError(f"checkpoint {path} does not match the CUT {part} network: " + "; ".join(parts))
+        raise CheckpointError(f"checkpoint {path} does not match the CUT {part} network: "
+                              + describe_mismatch(missing, unexpected, shapes))
     net.load_state_dict(state, strict=False)
 
 
