@@ -10,6 +10,7 @@ AMP scaler, RNG states and the data streams' positions.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -67,12 +68,10 @@ def ensure_data(cfg: Config) -> None:
         return
     from ..data.synthetic import SynthParams, ensure_synthetic
 
-    s = cfg.synthetic
-    params = SynthParams(seed=s.seed, size=tuple(s.size), num_source=s.num_source, num_source_val=s.num_source_val,
-                         num_target_train=s.num_target_train, num_target_val=s.num_target_val, gap=s.gap,
-                         synthia=s.synthia, workers=s.workers)
+    # SyntheticConfig holds SynthParams' fields plus `auto` and `out`
+    params = SynthParams.from_dict(dataclasses.asdict(cfg.synthetic))
     if dist_utils.is_main():
-        ensure_synthetic(Path(s.out), params)
+        ensure_synthetic(Path(cfg.synthetic.out), params)
     dist_utils.barrier()
 
 
