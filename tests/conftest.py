@@ -79,3 +79,26 @@ def load_eager_segmenter(run_dir):
     model = build_segmenter(load_config(None, base=ckpt["config"]).model)
     model.load_state_dict(ckpt["model"])
     return model.eval()
+
+
+def kill_and_resume(monkeypatch, method_cls, cfg, kill_at: int, last_ckpt: int):
+    """Run `cfg`, killed (KeyboardInterrupt) during iteration `kill_at`; check the run names its last
+    checkpoint at `last_ckpt`; resume it to the end. Returns (interrupted checkpoint, final checkpoint)."""
+    from segadapt.engine.checkpoint import load_checkpoint
+    from segadapt.engine.trainer import train_from_config
+    from segadapt.errors import TrainingError
+
+    original = method_cls.training_step
+
+    def dies(self, batch, it):
+        if it == kill_at:
+            raise KeyboardInterrupt
+        return original(self, batch, it)
+
+    monkeypatch.setattr(method_cls, "training_step", dies)
+    with pytest.raises(TrainingError, match=f"interrupted; last checkpoint.*iteration {last_ckpt}"):
+        train_from_config(cfg, progress=False)
+    interrupted = load_checkpoint(cfg.out_dir)
+    monkeypatch.setattr(method_cls, "training_step", original)
+    train_from_config(cfg, resume=str(Path(cfg.out_dir) / "last.pth"), progress=False)
+    return interrupted, torch.load(Path(cfg.out_dir) / "final.pth", weights_only=False)

@@ -6,9 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from segadapt.config import load_config
-from segadapt.engine.checkpoint import load_checkpoint
 from segadapt.engine.trainer import train_from_config
-from segadapt.errors import ConfigError, TrainingError
+from segadapt.errors import ConfigError
 from segadapt.methods import build_method
 from segadapt.methods import minent as minent_module
 from segadapt.methods.cfcontra import CFContra
@@ -21,7 +20,7 @@ from segadapt.methods.losses import (
 from segadapt.models.deeplabv2 import build_segmenter
 from segadapt.models.heads import ProjectionHead
 
-from .conftest import assert_optimizer_states_equal, tiny_overrides
+from .conftest import assert_optimizer_states_equal, kill_and_resume, tiny_overrides
 
 
 # --------------------------------------------------------------------------- the loss helpers
@@ -370,21 +369,9 @@ def test_tiny_run_and_exact_resume(tiny_synth, tmp_path, monkeypatch):
         assert ((norms - 1).abs() < 1e-5).any() and (((norms - 1).abs() < 1e-5) | (norms == 0)).all()
     assert "head.proj.0.weight" in ref["method"]
 
-    original = CFContra.training_step
-
-    def dies_at_3(self, batch, it):
-        if it == 3:
-            raise KeyboardInterrupt
-        return original(self, batch, it)
-
-    monkeypatch.setattr(CFContra, "training_step", dies_at_3)
     cfg = load_config("synthetic/cfcontra", tiny_overrides(tiny_synth, tmp_path / "b", **extra))
-    with pytest.raises(TrainingError, match="iteration 2"):
-        train_from_config(cfg, progress=False)
-    assert load_checkpoint(tmp_path / "b")["method_extra"] == {"banks_ready": True}
-    monkeypatch.setattr(CFContra, "training_step", original)
-    train_from_config(cfg, resume=str(tmp_path / "b" / "last.pth"), progress=False)
-    got = torch.load(tmp_path / "b" / "final.pth", weights_only=False)
+    interrupted, got = kill_and_resume(monkeypatch, CFContra, cfg, 3, 2)
+    assert interrupted["method_extra"] == {"banks_ready": True}
 
     for part in ("model", "method"):
         assert ref[part].keys() == got[part].keys()

@@ -37,7 +37,7 @@ from segadapt.methods.self_training import (
 )
 from segadapt.methods.teacher import MeanTeacher, ema_alpha
 
-from .conftest import assert_optimizer_states_equal, tiny_overrides
+from .conftest import assert_optimizer_states_equal, kill_and_resume, tiny_overrides
 
 THINGS = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 
@@ -301,21 +301,9 @@ def test_resumed_daformer_run_equals_uninterrupted(tiny_synth, tmp_path, monkeyp
     train_from_config(_cfg(tiny_synth, tmp_path / "a", "synthetic/daformer"), progress=False)
     ref = torch.load(tmp_path / "a" / "final.pth", weights_only=False)
 
-    original = DAFormer.training_step
-
-    def dies_at_4(self, batch, it):
-        if it == 4:
-            raise KeyboardInterrupt
-        return original(self, batch, it)
-
-    monkeypatch.setattr(DAFormer, "training_step", dies_at_4)
     cfg = _cfg(tiny_synth, tmp_path / "b", "synthetic/daformer")
-    with pytest.raises(TrainingError, match="iteration 3"):
-        train_from_config(cfg, progress=False)
-    assert load_checkpoint(tmp_path / "b")["iteration"] == 3
-    monkeypatch.setattr(DAFormer, "training_step", original)
-    train_from_config(cfg, resume=str(tmp_path / "b" / "last.pth"), progress=False)
-    got = torch.load(tmp_path / "b" / "final.pth", weights_only=False)
+    interrupted, got = kill_and_resume(monkeypatch, DAFormer, cfg, 4, 3)
+    assert interrupted["iteration"] == 3
 
     for k, v in ref["model"].items():
         assert torch.equal(v, got["model"][k]), k

@@ -9,7 +9,7 @@ from segadapt.engine.trainer import Trainer, train_from_config
 from segadapt.errors import TrainingError
 from segadapt.methods.source_only import SourceOnly
 
-from .conftest import assert_optimizer_states_equal, tiny_overrides
+from .conftest import assert_optimizer_states_equal, kill_and_resume, tiny_overrides
 
 
 def cfg_for(tiny_synth, out, name="synthetic/source_only", **extra):
@@ -21,21 +21,8 @@ def test_resumed_run_equals_uninterrupted(tiny_synth, tmp_path, monkeypatch):
     ref = torch.load(tmp_path / "a" / "final.pth", weights_only=False)
 
     # the same run, killed during iteration 5 (after the checkpoint at 3)
-    original = SourceOnly.training_step
-
-    def dies_at_4(self, batch, it):
-        if it == 4:
-            raise KeyboardInterrupt
-        return original(self, batch, it)
-
-    monkeypatch.setattr(SourceOnly, "training_step", dies_at_4)
-    cfg = cfg_for(tiny_synth, tmp_path / "b")
-    with pytest.raises(TrainingError, match="interrupted; last checkpoint.*iteration 3"):
-        train_from_config(cfg, progress=False)
-    assert load_checkpoint(tmp_path / "b")["iteration"] == 3
-    monkeypatch.setattr(SourceOnly, "training_step", original)
-    train_from_config(cfg, resume=str(tmp_path / "b" / "last.pth"), progress=False)
-    got = torch.load(tmp_path / "b" / "final.pth", weights_only=False)
+    interrupted, got = kill_and_resume(monkeypatch, SourceOnly, cfg_for(tiny_synth, tmp_path / "b"), 4, 3)
+    assert interrupted["iteration"] == 3
 
     for k, v in ref["model"].items():
         assert torch.equal(v, got["model"][k]), k
