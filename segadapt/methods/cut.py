@@ -28,46 +28,62 @@ def constant_lr(it: int) -> float:
     return 1.0
 
 
+@dataclass
+class CUTSettings:
+    """CUT's networks, objectives and optimiser (reference defaults); shared by the
+    standalone pre-training and by CONFETI's jointly trained style module."""
+
+    ngf: int = 64  # generator base width
+    n_blocks: int = 9  # residual blocks of the generator
+    ndf: int = 64  # discriminator base width
+    n_layers_d: int = 3  # PatchGAN depth (3: 70x70 receptive field)
+    nce_layers: list[int] = field(default_factory=lambda: [0, 4, 8, 12, 16])  # generator layers for PatchNCE
+    num_patches: int = 256  # sampled locations per layer and image
+    nce_dim: int = 256  # output width of the patch-sampler MLPs
+    nce_temperature: float = 0.07
+    lambda_gan: float = 1.0
+    lambda_nce: float = 1.0
+    nce_idt: bool = True  # identity PatchNCE on target images
+    lr: float = 2.0e-4  # Adam for G, D and F, constant
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    init_gain: float = 0.02  # Xavier-normal gain of the initialisation
+
+
+def build_cut_model(s: CUTSettings) -> CUTModel:
+    return CUTModel(ngf=s.ngf, n_blocks=s.n_blocks, ndf=s.ndf, n_layers_d=s.n_layers_d, nce_layers=s.nce_layers,
+                    num_patches=s.num_patches, nce_dim=s.nce_dim, nce_temperature=s.nce_temperature,
+                    lambda_gan=s.lambda_gan, lambda_nce=s.lambda_nce, nce_idt=s.nce_idt, init_gain=s.init_gain)
+
+
+def load_cut_folder(cut: CUTModel, folder: Path) -> str:
+    """Load latest_net_G.pth and, when present, D and F (published test-time releases hold G
+    only) from a CUT checkpoint folder; returns the parts loaded."""
+    parts = "G" + "".join(x for x in "DF" if (folder / f"latest_net_{x}.pth").is_file())
+    cut.load_weights(folder, parts)
+    return parts
+
+
 @register_method("cut")
 class CUTPretraining(UDAMethod):
     uses_target = True
     trains_segmenter = False
 
     @dataclass
-    class Config(MethodConfig):
+    class Config(CUTSettings, MethodConfig):
         name: str = "cut"
-        ngf: int = 64  # generator base width
-        n_blocks: int = 9  # residual blocks of the generator
-        ndf: int = 64  # discriminator base width
-        n_layers_d: int = 3  # PatchGAN depth (3: 70x70 receptive field)
-        nce_layers: list[int] = field(default_factory=lambda: [0, 4, 8, 12, 16])  # generator layers for PatchNCE
-        num_patches: int = 256  # sampled locations per layer and image
-        nce_dim: int = 256  # output width of the patch-sampler MLPs
-        nce_temperature: float = 0.07
-        lambda_gan: float = 1.0
-        lambda_nce: float = 1.0
-        nce_idt: bool = True  # identity PatchNCE on target images
-        lr: float = 2.0e-4  # Adam for G, D and F, constant
-        betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
-        init_gain: float = 0.02  # Xavier-normal gain of the initialisation
         init_from: Optional[str] = None  # folder with latest_net_G.pth (and D, F if there) to start from
 
     def __init__(self, model, cfg, mcfg):
         super().__init__(model, cfg, mcfg)
-        _check(mcfg)
+        check_cut_settings(mcfg)
         # the segmenter is carried along untouched (no gradients, so DDP does not wait for any)
         self.model.requires_grad_(False)
-        self.cut = CUTModel(ngf=mcfg.ngf, n_blocks=mcfg.n_blocks, ndf=mcfg.ndf, n_layers_d=mcfg.n_layers_d,
-                            nce_layers=mcfg.nce_layers, num_patches=mcfg.num_patches, nce_dim=mcfg.nce_dim,
-                            nce_temperature=mcfg.nce_temperature, lambda_gan=mcfg.lambda_gan,
-                            lambda_nce=mcfg.lambda_nce, nce_idt=mcfg.nce_idt, init_gain=mcfg.init_gain)
+        self.cut = build_cut_model(mcfg)
         if mcfg.init_from:
             folder = Path(mcfg.init_from)
             if not folder.is_dir():
                 raise ConfigError(f"method.init_from: {folder} is not a folder with CUT's latest_net_*.pth files")
-            # published test-time releases hold G only; D and F are taken when present
-            parts = "G" + "".join(x for x in "DF" if (folder / f"latest_net_{x}.pth").is_file())
-            self.cut.load_weights(folder, parts)
+            load_cut_folder(self.cut, folder)
 
     def training_step(self, batch: dict, it: int) -> dict:
         x_src = to_cut_range(batch["source"]["image"])
@@ -78,11 +94,7 @@ class CUTPretraining(UDAMethod):
     def build_optimizers(self) -> dict[str, ScheduledOptimizer]:
         m = self.mcfg
 
-        def adam(net) -> ScheduledOptimizer:
-            group = {"params": list(net.parameters()), "lr": m.lr, "initial_lr": m.lr}
-            return ScheduledOptimizer(torch.optim.Adam([group], lr=m.lr, betas=tuple(m.betas)), constant_lr)
-
-        return {"generator": adam(self.cut.G), "discriminator": adam(self.cut.D), "patch_sampler": adam(self.cut.F)}
+        return cut_optimizers(self.cut, m)
 
     def export_weights(self, out_dir) -> dict:
         """Write latest_net_G/D/F.pth (CUT's format) into `out_dir`; returns {part: path}."""
@@ -93,9 +105,21 @@ class CUTPretraining(UDAMethod):
         self.export_weights(out_dir)
 
 
-def _check(m) -> None:
+def cut_optimizers(cut: CUTModel, s: CUTSettings, kind: str = "adam", weight_decay: float = 0.0,
+                   factor=constant_lr) -> dict[str, ScheduledOptimizer]:
+    """One optimizer each for G, D and F (CUT: Adam, constant rate)."""
+
+    def build(net) -> ScheduledOptimizer:
+        group = {"params": list(net.parameters()), "lr": s.lr, "initial_lr": s.lr, "weight_decay": weight_decay}
+        opt_cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+        return ScheduledOptimizer(opt_cls([group], lr=s.lr, betas=tuple(s.betas)), factor)
+
+    return {"generator": build(cut.G), "discriminator": build(cut.D), "patch_sampler": build(cut.F)}
+
+
+def check_cut_settings(m: CUTSettings, prefix: str = "method.") -> None:
     def bad(key, problem):
-        raise ConfigError(f"method.{key}: {problem}")
+        raise ConfigError(f"{prefix}{key}: {problem}")
 
     for key in ("ngf", "ndf", "n_layers_d", "num_patches", "nce_dim"):
         if getattr(m, key) < 1:

@@ -94,7 +94,7 @@ class DACS(UDAMethod):
     @torch.no_grad()
     def pseudo_labels(self, target_images: torch.Tensor):
         """Teacher's argmax on the clean target, and the (B, H, W) pixel weights."""
-        logits = upsample(self.teacher(target_images)["main"], target_images.shape[-2:])
+        logits = upsample(self.teacher_model()(target_images)["main"], target_images.shape[-2:])
         probs = torch.softmax(logits.float(), dim=1)
         labels = probs.argmax(dim=1)
         q = confidence_weight(probs, self.mcfg.pseudo_threshold)
@@ -141,8 +141,12 @@ class DACS(UDAMethod):
         # the teacher for iteration it + 1 (DAFormer updates at the start of each step t >= 1)
         self.teacher.update(it + 1)
 
+    def teacher_model(self):
+        """The teacher's segmenter (methods that average extra heads keep it in a ModuleDict)."""
+        return self.teacher.ema
+
     def eval_model(self):
-        return self.teacher.ema if self.mcfg.eval_teacher else self.model
+        return self.teacher_model() if self.mcfg.eval_teacher else self.model
 
 
 @register_method("daformer")

@@ -1,0 +1,453 @@
+"""CONFETI ("Contrast, Stylize and Adapt"): CUT style transfer trained with the
+segmenter, class prototypes built with cross-domain CAM weights, and
+pixel-to-prototype contrast, on DAFormer's self-training core.
+
+Stage 1, per iteration t (one backward; detaches route each loss to its networks):
+  1. x_s2t = G(x_s) keeps its graph to G; CUT's GAN + PatchNCE (+ identity) losses for
+     G and F, the halved LSGAN loss for D on the detached fake;
+  2. teacher pseudo-labels on x_t with the weight q; ClassMix of stopgrad(x_s2t) onto x_t;
+  3. prototype update without gradient from the EMA head's features of x_mix: the top-k
+     pixels per class by weight, source pixels with uniform weights (random ties) up to
+     `cross_domain_start`, CAM weights over all pixels after;
+  4. student on stopgrad(x_s2t): CE + CAM loss (+ contrast after `contrast_start`),
+     ImageNet feature distance against the frozen initial backbone on x_s;
+  5. prototypical semantic consistency: MSE between the prototype similarities of
+     reg_proj(proj(f(x_s2t))) and stopgrad(proj(f(x_s))), the segmenter and head frozen for
+     this term (no gradient, running BatchNorm statistics untouched); reaches G and reg_proj;
+  6. student on x_mix: pixel-weighted CE, CAM loss (after `cam_mix_start`), contrast;
+  7. target contrast: student on x_t with the teacher's pseudo-labels, scaled by q.
+Stage 2: G from stage 1 frozen, a fresh segmenter, no consistency and no target contrast.
+The single-stage variant (the authors' later version) is stage 1 with its own settings.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ..engine.optim import ScheduledOptimizer, poly_warmup_factor
+from ..errors import ConfigError, TrainingError
+from ..models.cut import CUT_FILES, ResnetGenerator, from_cut_range, load_cut_weights, to_cut_range
+from . import register_method
+from .augment import present_classes
+from .base import IGNORE_INDEX, segmentation_loss, upsample
+from .cut import CUTSettings, build_cut_model, check_cut_settings, cut_optimizers, load_cut_folder
+from .feature_distance import feature_distance_mask, masked_feature_distance
+from .losses import resize_labels
+from .minent import nested_config
+from .self_training import DAFormer, weighted_cross_entropy
+from .teacher import MeanTeacher
+
+CONSISTENCY_MODES = ("frozen_student", "ema", "none")
+
+
+# --------------------------------------------------------------------------- losses
+def cam_loss(cam_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BCE with logits between the global-average-pooled CAM logits (B, C) and the multi-hot
+    vector of the classes present in each label map (ignore excluded)."""
+    pooled = cam_logits.float().mean(dim=(2, 3))
+    target = present_classes(labels, cam_logits.shape[1]).float()
+    return F.binary_cross_entropy_with_logits(pooled, target)
+
+
+def sample_pixels(features: torch.Tensor, labels: torch.Tensor, num_pixels: int, num_classes: int):
+    """Labelled pixels at feature resolution, `num_pixels` drawn uniformly across the batch.
+
+    features (B, D, h, w); labels (B, H, W), nearest-resized to (h, w). Returns (v (N, D),
+    y (N,), keep (N,) bool): N = min(num_pixels, h*w*B) rows, `keep` False on rows that had to be
+    filled with unlabelled pixels. Drawn with random scores and top-k: no host sync.
+    """
+    d = features.shape[1]
+    y = resize_labels(labels, features.shape[-2:]).reshape(-1)
+    v = features.permute(0, 2, 3, 1).reshape(-1, d)
+    valid = (y >= 0) & (y < num_classes)
+    scores = torch.rand(y.shape, device=y.device).masked_fill(~valid, -1.0)
+    idx = scores.topk(min(num_pixels, y.numel())).indices
+    return v[idx], y[idx], valid[idx]
+
+
+def prototype_contrast_loss(v: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, prototypes: torch.Tensor,
+                            temperature: float) -> torch.Tensor:
+    """Mean over kept pixels of CE((v . P^T) / tau, y); v and P rows L2-normalised."""
+    logits = v.float() @ prototypes.float().t() / temperature
+    ce = F.cross_entropy(logits, torch.where(keep, y, torch.zeros_like(y)), reduction="none")
+    k = keep.float()
+    return (ce * k).sum() / k.sum().clamp_min(1.0)
+
+
+def prototype_regulariser(v: torch.Tensor, keep: torch.Tensor, prototypes: torch.Tensor,
+                          temperature: float) -> torch.Tensor:
+    """sum_c log softmax(mean(v) . stopgrad(P)^T / tau)_c / (C ln C), mean(v) over kept pixels.
+
+    With the sign as specified it is -1 when the mean feature is equally similar to every
+    prototype and lower the more it favours one; unit vectors bound it below."""
+    k = keep.float().unsqueeze(1)
+    mean = (v.float() * k).sum(0) / k.sum().clamp_min(1.0)
+    c = prototypes.shape[0]
+    log_p = torch.log_softmax(mean @ prototypes.detach().float().t() / temperature, dim=0)
+    return log_p.sum() / (c * math.log(c))
+
+
+@torch.no_grad()
+def prototype_candidates(v: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, rank: torch.Tensor,
+                         valid: torch.Tensor, num_classes: int, topk: int):
+    """Per class, the weighted mean feature of its `topk` pixels with the highest `rank`.
+
+    v (N, D) features, labels / weights / rank / valid (N,). Returns (f (C, D) L2-normalised
+    weighted means, present (C,) bool). A class with fewer valid pixels uses all of them.
+    """
+    onehot = (labels.unsqueeze(0) == torch.arange(num_classes, device=labels.device).unsqueeze(1)) & valid
+    key = torch.where(onehot, rank.unsqueeze(0).float(), torch.full_like(onehot, -math.inf, dtype=torch.float))
+    k = min(topk, labels.numel())
+    top, idx = key.topk(k, dim=1)  # (C, k)
+    chosen = torch.isfinite(top)
+    w = torch.where(chosen, weights[idx].float(), torch.zeros_like(top))
+    sums = torch.einsum("ck,ckd->cd", w, v.float()[idx])
+    total = w.sum(1, keepdim=True)
+    present = chosen.any(1) & (total.squeeze(1) > 0)
+    f = F.normalize(sums / total.clamp_min(1e-12), dim=1)
+    return f, present
+
+
+@torch.no_grad()
+def update_prototypes_(prototypes: torch.Tensor, seen: torch.Tensor, f: torch.Tensor, present: torch.Tensor,
+                       momentum: float) -> None:
+    """P_c <- normalize((1 - a) P_c + a f_c) for present classes, a = 1 on a class's first
+    update (`seen` False) and 1 - momentum after; absent classes untouched. In place."""
+    a = torch.where(seen, torch.full_like(seen, 1.0 - momentum, dtype=prototypes.dtype),
+                    torch.ones_like(seen, dtype=prototypes.dtype)).unsqueeze(1)
+    new = F.normalize((1.0 - a) * prototypes + a * f.to(prototypes.dtype), dim=1)
+    prototypes.copy_(torch.where(present.unsqueeze(1), new, prototypes))
+    seen |= present
+
+
+class ContrastiveHead(nn.Module):
+    """Per-pixel projection, L2-normalised: one 1x1 conv without bias (stage 1/2), or a
+    2-layer MLP (the single-stage variant) when `hidden` is given."""
+
+    def __init__(self, in_channels: int, dim: int, hidden: Optional[int] = None):
+        super().__init__()
+        if hidden:
+            self.proj = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.ReLU(inplace=True),
+                                      nn.Conv2d(hidden, dim, 1))
+        else:
+            self.proj = nn.Conv2d(in_channels, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(x).float(), dim=1)
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class ConfetiConfig(DAFormer.Config):
+    name: str = "confeti"
+    stage: int = 1  # 1: CUT trained jointly (and the single-stage variant); 2: G frozen from `stylizer`
+    # stage 1: a CUT run folder (latest_net_G.pth, + D, F if there) or a G file to start from
+    # (None: random init); stage 2: the stage-1 run folder or its latest_net_G.pth (required)
+    stylizer: Optional[str] = None
+    cut: CUTSettings = field(default_factory=CUTSettings)
+    stylizer_optimizer: str = "adam"  # adam (CUT's, constant) | adamw (single-stage)
+    stylizer_weight_decay: float = 0.0
+    stylizer_poly: bool = False  # poly-decay the stylizer's rate with the segmenter's schedule
+    cam_weight: float = 1.0
+    cam_mix_start: int = 2000  # CAM loss on the mixed batch for t > this
+    proj_dim: int = 512
+    proj_hidden: Optional[int] = None  # None: one 1x1 conv; a width: 2-layer MLP (single stage: 256)
+    proto_init: str = "zeros"  # zeros (first update copies) | random (single stage)
+    proto_topk: int = 32
+    proto_momentum: float = 0.999  # a = 1 - momentum after a class's first update
+    cross_domain_start: int = 3000  # prototypes: source pixels, uniform weights up to t; CAM weights after
+    contrast_start: int = 3000
+    contrast_weight: float = 0.5
+    contrast_temperature: float = 0.1
+    contrast_pixels: int = 4096
+    reg_weight: float = 2.0
+    consistency: str = "frozen_student"  # frozen_student | ema (single stage) | none (stage 2)
+    consistency_weight: float = 0.1
+    consistency_temperature: Optional[float] = None  # ema mode: both sides L2-normalised and / 0.1
+    consistency_start: int = 0  # on for t > this (single stage: 1000)
+    target_contrast: bool = True  # stage 1: contrast on x_t with pseudo-labels, scaled by q
+
+    def __post_init__(self):
+        self.cut = nested_config(self.cut, CUTSettings, "method.cut")
+        _check(self)  # at config load: a bad value fails before any data is read
+
+
+@register_method("confeti")
+class Confeti(DAFormer):
+    Config = ConfetiConfig
+    find_unused_parameters = True  # heads unused before their start iterations
+
+    def __init__(self, model, cfg, mcfg):
+        super().__init__(model, cfg, mcfg)
+        m = self.mcfg
+        c, ch = self.num_classes, model.feature_channels
+        self.cam = nn.Conv2d(ch, c, 1)
+        self.proj = ContrastiveHead(ch, m.proj_dim, m.proj_hidden)
+        self.reg_proj = nn.Conv2d(m.proj_dim, m.proj_dim, 1) if m.consistency != "none" else None
+        # EMA copies of the segmenter and both heads (replaces the segmenter-only teacher)
+        self.teacher = MeanTeacher(nn.ModuleDict({"model": model, "cam": self.cam, "proj": self.proj}), m.ema_alpha)
+        if m.proto_init == "random":
+            g = torch.Generator().manual_seed(cfg.train.seed)
+            protos = F.normalize(torch.randn(c, m.proj_dim, generator=g), dim=1)
+        else:
+            protos = torch.zeros(c, m.proj_dim)
+        self.register_buffer("prototypes", protos)
+        self.register_buffer("prototype_seen", torch.full((c,), m.proto_init == "random"))
+        self.trains_stylizer = m.stage == 1
+        if self.trains_stylizer:
+            self.cut = build_cut_model(m.cut)
+            if m.stylizer:
+                _load_stylizer_init(self.cut, Path(m.stylizer))
+        else:
+            self.cut = None
+            self.generator = ResnetGenerator(m.cut.ngf, m.cut.n_blocks)
+            load_cut_weights(G=self.generator, g_path=_stage1_generator_file(m.stylizer))
+            self.generator.requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------ networks
+    @property
+    def G(self) -> nn.Module:
+        return self.cut.G if self.cut is not None else self.generator
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.cut is None:
+            self.generator.eval()  # stage 2: frozen, eval mode
+        return self
+
+    def teacher_model(self):
+        return self.teacher.ema["model"]
+
+    # ------------------------------------------------------------------ optimisation
+    def segmenter_param_groups(self) -> list[dict]:
+        groups = super().segmenter_param_groups()
+        heads = [(f"cam.{n}", p) for n, p in self.cam.named_parameters()]
+        heads += [(f"proj.{n}", p) for n, p in self.proj.named_parameters()]
+        if self.reg_proj is not None:
+            heads += [(f"reg_proj.{n}", p) for n, p in self.reg_proj.named_parameters()]
+        groups.append({"params": heads, "lr_mult": self.cfg.optim.head_lr_mult})
+        return groups
+
+    def build_optimizers(self) -> dict[str, ScheduledOptimizer]:
+        opts = super().build_optimizers()
+        if self.trains_stylizer:
+            m, o = self.mcfg, self.cfg.optim
+            horizon = o.poly_iters or self.cfg.train.iters
+
+            def factor(it: int) -> float:
+                return poly_warmup_factor(it, horizon, o.poly_power) if m.stylizer_poly else 1.0
+
+            opts.update(cut_optimizers(self.cut, m.cut, m.stylizer_optimizer, m.stylizer_weight_decay, factor))
+        return opts
+
+    # ------------------------------------------------------------------ prototypes
+    @torch.no_grad()
+    def update_prototypes(self, images: torch.Tensor, labels: torch.Tensor, source_mask: torch.Tensor,
+                          it: int) -> torch.Tensor:
+        """Step 5: EMA features and CAM of x_mix at label size -> top-k per class -> EMA of P.
+        Returns how many classes were updated (for logging)."""
+        m, c = self.mcfg, self.num_classes
+        ema = self.teacher.ema
+        feats = ema["model"](images, return_features=True)["features"]
+        size = labels.shape[-2:]
+        v = upsample(ema["proj"](feats), size).permute(0, 2, 3, 1).reshape(-1, m.proj_dim)
+        y = labels.reshape(-1)
+        valid = (y >= 0) & (y < c)
+        if it > m.cross_domain_start:  # category-wise cross-domain information
+            cam = torch.sigmoid(upsample(ema["cam"](feats).float(), size))
+            w = cam.gather(1, torch.where(valid, y, torch.zeros_like(y)).view(labels.shape).unsqueeze(1)).reshape(-1)
+            rank = w
+        else:  # source pixels only, equal weights: ties broken uniformly at random
+            valid = valid & source_mask.reshape(-1).bool()
+            w = torch.ones_like(y, dtype=torch.float)
+            rank = torch.rand(y.shape, device=y.device)
+        f, present = prototype_candidates(v, y, w, rank, valid, c, m.proto_topk)
+        update_prototypes_(self.prototypes, self.prototype_seen, f, present, m.proto_momentum)
+        return present.sum()
+
+    def contrast_losses(self, features: torch.Tensor, labels: torch.Tensor, name: str, scale=1.0) -> dict:
+        m = self.mcfg
+        v, y, keep = sample_pixels(self.proj(features), labels, m.contrast_pixels, self.num_classes)
+        out = {f"loss_contrast_{name}": scale * m.contrast_weight * prototype_contrast_loss(
+            v, y, keep, self.prototypes, m.contrast_temperature)}
+        if m.reg_weight > 0:
+            out[f"loss_reg_{name}"] = scale * m.reg_weight * prototype_regulariser(
+                v, keep, self.prototypes, m.contrast_temperature)
+        return out
+
+    # ------------------------------------------------------------------ consistency
+    def _frozen_student_features(self, x: torch.Tensor) -> torch.Tensor:
+        """layer4 of the student with its parameters detached and its BatchNorm buffers copied:
+        gradients reach only the input, running statistics stay as they are."""
+        state = {n: p.detach() for n, p in self.model.named_parameters()}
+        state.update({n: b.clone() for n, b in self.model.named_buffers()})
+        return functional_call(self.model, state, (x,), {"return_features": True})["features"]
+
+    def consistency_loss(self, x_s: torch.Tensor, x_s2t: torch.Tensor) -> torch.Tensor:
+        """MSE between the prototype similarities of reg_proj(proj(f(x_s2t))) and
+        stopgrad(proj(f(x_s))); the segmenter side is frozen (student or EMA)."""
+        m = self.mcfg
+        protos = self.prototypes.float()
+        if m.consistency == "ema":
+            ema = self.teacher.ema  # no parameter needs a gradient; eval-mode BatchNorm
+            with torch.no_grad():
+                a = ema["proj"](ema["model"](x_s, return_features=True)["features"])
+            b = self.reg_proj(ema["proj"](ema["model"](x_s2t, return_features=True)["features"]))
+        else:
+            proj_state = {n: p.detach() for n, p in self.proj.named_parameters()}
+            with torch.no_grad():
+                a = functional_call(self.proj, proj_state, (self._frozen_student_features(x_s),))
+            b = self.reg_proj(functional_call(self.proj, proj_state, (self._frozen_student_features(x_s2t),)))
+        b = b.float()
+        if m.consistency_temperature:
+            a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+        sim_a = torch.einsum("bdhw,cd->bchw", a.float(), protos)
+        sim_b = torch.einsum("bdhw,cd->bchw", b, protos)
+        if m.consistency_temperature:
+            sim_a, sim_b = sim_a / m.consistency_temperature, sim_b / m.consistency_temperature
+        return F.mse_loss(sim_b, sim_a.detach())
+
+    # ------------------------------------------------------------------ step
+    def training_step(self, batch: dict, it: int) -> dict:
+        m, aux_w = self.mcfg, self.cfg.model.aux_weight
+        src, tgt = batch["source"], batch["target"]
+        x_s, y_s, x_t = src["image"], src["label"], tgt["image"]
+        if x_s.shape[-2:] != x_t.shape[-2:]:
+            raise TrainingError(f"confeti: source images are {tuple(x_s.shape[-2:])} (H, W) but target images "
+                                f"{tuple(x_t.shape[-2:])}; ClassMix needs equal sizes (set source.crop and "
+                                "target.crop to the same [W, H])")
+        losses: dict = {}
+        # 1. stylise (and CUT's own losses when G trains)
+        if self.trains_stylizer:
+            cut_in_t = to_cut_range(x_t)
+            g_losses, fake = self.cut.generator_losses(to_cut_range(x_s), cut_in_t)
+            losses.update(g_losses)
+            losses.update(self.cut.discriminator_loss(fake, cut_in_t))
+            x_s2t = from_cut_range(fake)
+        else:
+            with torch.no_grad():
+                x_s2t = from_cut_range(self.generator(to_cut_range(x_s)))
+        x_s2t_sg = x_s2t.detach()
+
+        # 2. pseudo-labels and ClassMix of the stylised source onto the target
+        pseudo, weights, q = self.pseudo_labels(x_t)
+        images, labels, mix_weights, mask = self.mix_batch({"image": x_s2t_sg, "label": y_s}, x_t, pseudo, weights)
+
+        # 3. prototypes (no gradient)
+        losses["proto_classes_updated"] = self.update_prototypes(images, labels, mask, it).float()
+        contrast_on = it > m.contrast_start
+
+        # 4. student on the stylised source: CE, CAM, contrast, feature distance
+        out = self.model(x_s2t_sg, return_features=True)
+        feat = out["features"]
+        losses.update(segmentation_loss(out, y_s, aux_w, prefix="loss_src"))
+        if m.cam_weight > 0:
+            losses["loss_cam_src"] = m.cam_weight * cam_loss(self.cam(feat), y_s)
+        if contrast_on:
+            losses.update(self.contrast_losses(feat, y_s, "src"))
+        if self.imagenet is not None:
+            with torch.no_grad():
+                ref = self.imagenet(x_s)
+                fd_mask = feature_distance_mask(y_s, feat.shape[-2:], self.fd_class_table, m.fd_min_ratio,
+                                                self.num_classes, getattr(self.model, "output_stride", None))
+            losses["loss_fd"] = m.fd_lambda * masked_feature_distance(feat, ref, fd_mask)
+
+        # 5. prototypical semantic consistency (reaches G and reg_proj only)
+        if self.trains_stylizer and self.reg_proj is not None and m.consistency_weight > 0 \
+                and it > m.consistency_start:
+            losses["loss_consistency"] = m.consistency_weight * self.consistency_loss(x_s, x_s2t)
+
+        # 6. student on the mixed batch
+        out_mix = self.model(images, return_features=True)
+        losses["loss_mix_main"] = weighted_cross_entropy(out_mix["main"], labels, mix_weights)
+        if "aux" in out_mix and aux_w > 0:
+            losses["loss_mix_aux"] = aux_w * weighted_cross_entropy(out_mix["aux"], labels, mix_weights)
+        if m.cam_weight > 0 and it > m.cam_mix_start:
+            losses["loss_cam_mix"] = m.cam_weight * cam_loss(self.cam(out_mix["features"]), labels)
+        if contrast_on:
+            losses.update(self.contrast_losses(out_mix["features"], labels, "mix"))
+
+        # 7. target contrast with the teacher's pseudo-labels, scaled by q
+        if m.target_contrast and contrast_on:
+            feat_t = self.model(x_t, return_features=True)["features"]
+            losses.update(self.contrast_losses(feat_t, pseudo, "tgt", scale=q))
+
+        losses["pseudo_weight"] = q.detach()
+        losses["mix_source_fraction"] = mask.mean()
+        return losses
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_end(self, out_dir) -> None:
+        """The run folder gets CUT's latest_net_G/D/F.pth: stage 2 takes the folder."""
+        if self.cut is not None:
+            self.cut.save_weights(out_dir)
+
+
+# --------------------------------------------------------------------------- helpers
+def _load_stylizer_init(cut, path: Path) -> None:
+    if path.is_dir():
+        if not (path / CUT_FILES["G"]).is_file():
+            raise ConfigError(f"method.stylizer: {path} has no {CUT_FILES['G']} (pre-train one with "
+                              "`segadapt train -c <benchmark>/cut`)")
+        load_cut_folder(cut, path)
+    elif path.is_file():
+        load_cut_weights(G=cut.G, g_path=path)
+    else:
+        raise ConfigError(f"method.stylizer: {path} does not exist (a CUT run folder or a latest_net_G.pth)")
+
+
+def _stage1_generator_file(stylizer: Optional[str]) -> Path:
+    """Stage 2's G: the stage-1 run folder's latest_net_G.pth, or a G file given directly."""
+    if not stylizer:
+        raise ConfigError("method.stylizer: CONFETI stage 2 needs the stage-1 run folder (or its "
+                          f"{CUT_FILES['G']}): method.stylizer=<runs/.../seedN>")
+    path = Path(stylizer)
+    if path.is_dir():
+        g = path / CUT_FILES["G"]
+        if not g.is_file():
+            raise ConfigError(f"method.stylizer: {path} has no {CUT_FILES['G']}: not a finished CONFETI "
+                              "stage-1 (or CUT) run")
+        return g
+    if not path.is_file():
+        raise ConfigError(f"method.stylizer: {path} does not exist (the stage-1 run folder or its "
+                          f"{CUT_FILES['G']})")
+    return path
+
+
+def _check(m: ConfetiConfig) -> None:
+    def bad(key, problem):
+        raise ConfigError(f"method.{key}: {problem}")
+
+    check_cut_settings(m.cut, "method.cut.")
+    if m.stage not in (1, 2):
+        bad("stage", f"must be 1 or 2, got {m.stage}")
+    if m.consistency not in CONSISTENCY_MODES:
+        bad("consistency", f"'{m.consistency}' is not one of {', '.join(CONSISTENCY_MODES)}")
+    if m.stage == 2 and m.consistency != "none":
+        bad("consistency", "stage 2 freezes G, so the consistency loss (which trains G) must be 'none'")
+    if m.stylizer_optimizer not in ("adam", "adamw"):
+        bad("stylizer_optimizer", f"'{m.stylizer_optimizer}' is not one of adam, adamw")
+    if m.proto_init not in ("zeros", "random"):
+        bad("proto_init", f"'{m.proto_init}' is not one of zeros, random")
+    for key in ("proj_dim", "proto_topk", "contrast_pixels"):
+        if getattr(m, key) < 1:
+            bad(key, f"must be >= 1, got {getattr(m, key)}")
+    if m.proj_hidden is not None and m.proj_hidden < 1:
+        bad("proj_hidden", f"must be >= 1 or null, got {m.proj_hidden}")
+    if not 0.0 <= m.proto_momentum < 1.0:
+        bad("proto_momentum", f"must be in [0, 1), got {m.proto_momentum}")
+    for key in ("contrast_temperature",):
+        if getattr(m, key) <= 0:
+            bad(key, f"must be > 0, got {getattr(m, key)}")
+    if m.consistency_temperature is not None and m.consistency_temperature <= 0:
+        bad("consistency_temperature", f"must be > 0 or null, got {m.consistency_temperature}")
+    for key in ("cam_weight", "contrast_weight", "reg_weight", "consistency_weight", "stylizer_weight_decay"):
+        if getattr(m, key) < 0:
+            bad(key, f"must be >= 0, got {getattr(m, key)}")

@@ -1,0 +1,238 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segadapt.cli import main
+from segadapt.config import load_config
+from segadapt.engine.trainer import Trainer, train_from_config
+from segadapt.errors import ConfigError
+from segadapt.methods.confeti import (
+    Confeti,
+    cam_loss,
+    prototype_candidates,
+    prototype_contrast_loss,
+    prototype_regulariser,
+    sample_pixels,
+    update_prototypes_,
+)
+from segadapt.models.cut import from_cut_range, load_cut_weights, to_cut_range
+
+from .conftest import assert_optimizer_states_equal, kill_and_resume, tiny_overrides
+
+# tiny CUT, thresholds inside a 6-iteration run so that every term is exercised
+TINY = {"method.stylizer": "null", "method.cut.ngf": 4, "method.cut.ndf": 4, "method.cut.n_blocks": 2,
+        "method.cut.nce_layers": "[0, 4]", "method.cut.num_patches": 16, "method.cut.nce_dim": 8,
+        "method.cam_mix_start": 1, "method.contrast_start": 1, "method.cross_domain_start": 2,
+        "method.rcs_min_pixels": 8}
+
+
+def _cfg(tiny_synth, out, name="synthetic/confeti_stage1", **extra):
+    return load_config(name, tiny_overrides(tiny_synth, out, **{**TINY, **extra}))
+
+
+# --------------------------------------------------------------------------- losses on hand-made tensors
+def test_cam_loss_is_bce_of_pooled_logits_against_present_classes():
+    logits = torch.tensor([[[[1.0, 3.0], [-1.0, 1.0]], [[0.0, 0.0], [2.0, -2.0]], [[-4.0, 0.0], [0.0, 0.0]]]])
+    labels = torch.tensor([[[0, 0], [2, 255]]])
+    pooled = torch.tensor([1.0, 0.0, -1.0])  # spatial means of the three maps
+    present = torch.tensor([1.0, 0.0, 1.0])
+    expected = -(present * torch.log(torch.sigmoid(pooled)) + (1 - present) * torch.log(1 - torch.sigmoid(pooled)))
+    assert cam_loss(logits, labels).item() == pytest.approx(expected.mean().item(), rel=1e-6)
+
+
+def test_sample_pixels_draws_labelled_pixels_only():
+    feats = torch.arange(8.0).view(1, 2, 2, 2)
+    labels = torch.tensor([[[0, 255], [1, 2]]])
+    torch.manual_seed(0)
+    v, y, keep = sample_pixels(feats, labels, num_pixels=3, num_classes=19)
+    assert keep.all()  # three labelled pixels, three drawn
+    assert sorted(y.tolist()) == [0, 1, 2]
+    for vi, yi in zip(v, y):  # each row is the feature of a pixel with that label
+        pos = {0: 0, 1: 2, 2: 3}[int(yi)]
+        assert torch.equal(vi, feats[0, :, pos // 2, pos % 2])
+    v, y, keep = sample_pixels(feats, labels, num_pixels=10, num_classes=19)
+    assert len(y) == 4 and keep.sum() == 3 and (y[~keep] == 255).all()
+    # many pixels: a uniform draw, not the first ones
+    big = torch.zeros(1, 400, 400, dtype=torch.long)
+    _, y, keep = sample_pixels(torch.arange(160000.0).view(1, 1, 400, 400), big, 50, 19)
+    assert keep.all() and len(y) == 50
+
+
+def test_prototype_contrast_loss_is_cross_entropy_over_prototype_similarities():
+    v = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, -1.0]]), dim=1)
+    protos = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]]), dim=1)
+    y = torch.tensor([0, 1, 2])
+    keep = torch.tensor([True, True, False])
+    tau = 0.1
+    terms = []
+    for i in range(2):
+        s = [float(v[i] @ protos[k]) / tau for k in range(3)]
+        terms.append(-(s[int(y[i])] - math.log(sum(math.exp(x) for x in s))))
+    got = prototype_contrast_loss(v, y, keep, protos, tau)
+    assert got.item() == pytest.approx(sum(terms) / 2, rel=1e-5)
+
+
+def test_prototype_regulariser_sign_as_specified():
+    protos = torch.eye(3)
+    keep = torch.ones(2, dtype=torch.bool)
+    # mean feature equally similar to every prototype: log(1/3) * 3 / (3 ln 3) = -1
+    even = torch.full((2, 3), 1.0 / math.sqrt(3))
+    assert prototype_regulariser(even, keep, protos, 0.1).item() == pytest.approx(-1.0, rel=1e-6)
+    # mean feature (1, 0, 0): logits (10, 0, 0)
+    peaked = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    lse = math.log(math.exp(10) + 2)
+    expected = (10 - 3 * lse) / (3 * math.log(3))
+    assert prototype_regulariser(peaked, keep, protos, 0.1).item() == pytest.approx(expected, rel=1e-5)
+    # what it does: minimising it favours one prototype (lower than -1), and gradient descent on
+    # the features moves their mean away from the uniform point
+    assert expected < -1.0
+    x = torch.tensor([[0.6, 0.55, 0.58]], requires_grad=True)
+    prototype_regulariser(x, torch.ones(1, dtype=torch.bool), protos, 0.1).backward()
+    stepped = x.detach() - 0.01 * x.grad
+    assert (stepped[0, 0] - stepped[0, 1]) > (x[0, 0] - x[0, 1]).item()
+    # unlabelled rows do not count
+    mixed = torch.cat([peaked[:1], even[:1]])
+    assert prototype_regulariser(mixed, torch.tensor([True, False]), protos, 0.1).item() == pytest.approx(expected,
+                                                                                                         rel=1e-5)
+
+
+def test_prototype_candidates_weighted_top_k_per_class():
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, 4.0], [1.0, 0.0], [5.0, 5.0]])
+    labels = torch.tensor([0, 0, 0, 1, 1, 255])
+    w = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.3, 1.0])
+    valid = labels != 255
+    f, present = prototype_candidates(v, labels, w, w, valid, num_classes=3, topk=2)
+    assert present.tolist() == [True, True, False]
+    # class 0: pixels 1 and 2 (weights 0.9, 0.5); class 1: both its pixels
+    assert torch.allclose(f[0], F.normalize(0.9 * v[1] + 0.5 * v[2], dim=0), atol=1e-6)
+    assert torch.allclose(f[1], F.normalize(0.2 * v[3] + 0.3 * v[4], dim=0), atol=1e-6)
+
+
+def test_uniform_weights_pick_random_source_pixels():
+    n = 80
+    v = torch.eye(n)  # each pixel's feature says which pixel it is
+    labels = torch.zeros(n, dtype=torch.long)
+    source = torch.arange(n) < 60  # 60 source pixels of class 0, 20 target pixels
+    picks = []
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        f, present = prototype_candidates(v, labels, torch.ones(n), torch.rand(n, generator=g), source, 1, 32)
+        chosen = f[0] > 0
+        assert present[0] and chosen.sum() == 32 and not chosen[60:].any()  # 32 source pixels, equal weights
+        assert torch.allclose(f[0][chosen], torch.full((32,), 1 / math.sqrt(32)))
+        picks.append(chosen)
+    assert not torch.equal(picks[0], picks[1])  # random among ties, not the first 32
+
+
+def test_prototype_update_first_copy_then_ema_and_renormalised():
+    protos = torch.zeros(3, 2)
+    seen = torch.zeros(3, dtype=torch.bool)
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    update_prototypes_(protos, seen, f, torch.tensor([True, False, True]), momentum=0.999)
+    assert torch.equal(protos, torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.6, 0.8]]))  # a = 1, absent untouched
+    assert seen.tolist() == [True, False, True]
+    update_prototypes_(protos, seen, torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 0.0]]),
+                       torch.tensor([True, True, False]), momentum=0.999)
+    expected0 = F.normalize(torch.tensor([0.999, 0.001]), dim=0)
+    assert torch.allclose(protos[0], expected0, atol=1e-7)
+    assert torch.equal(protos[1], torch.tensor([0.0, 1.0]))  # its first update: a copy
+    assert torch.equal(protos[2], torch.tensor([0.6, 0.8]))
+    assert torch.allclose(protos.norm(dim=1), torch.ones(3))
+
+
+# --------------------------------------------------------------------------- the method
+@pytest.mark.parametrize("config", ["synthetic/confeti_stage1", "synthetic/confeti_single"])
+def test_consistency_reaches_only_generator_and_reg_proj(tiny_synth, tmp_path, config):
+    method = Trainer(_cfg(tiny_synth, tmp_path / "run", config), progress=False).method
+    method.train()
+    torch.manual_seed(0)
+    method.prototypes.copy_(F.normalize(torch.randn_like(method.prototypes), dim=1))
+    buffers = {k: v.clone() for k, v in method.named_buffers()}
+    x_s = torch.rand(2, 3, 32, 64)
+    x_s2t = from_cut_range(method.cut.G(to_cut_range(x_s)))
+    loss = method.consistency_loss(x_s, x_s2t)
+    assert loss.item() > 0
+    loss.backward()
+    assert all(p.grad is not None for p in method.cut.G.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in method.cut.G.parameters())
+    assert all(p.grad is not None for p in method.reg_proj.parameters())
+    frozen = [method.model, method.proj, method.cam, method.teacher, method.cut.D, method.cut.F]
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+    for k, v in method.named_buffers():  # BatchNorm running statistics untouched
+        assert torch.equal(v, buffers[k]), k
+
+
+def test_stage1_then_stage2_from_its_run_folder(tiny_synth, tmp_path):
+    stage1 = tmp_path / "stage1"
+    trainer = Trainer(_cfg(tiny_synth, stage1), progress=False)
+    method = trainer.method
+    assert set(trainer.optimizers) == {"segmenter", "generator", "discriminator", "patch_sampler"}
+    g0 = {k: v.clone() for k, v in method.cut.G.state_dict().items()}
+    trainer.train()
+    keys = set().union(*(json.loads(x) for x in (stage1 / "metrics.jsonl").read_text().splitlines()))
+    assert {"loss_consistency", "loss_contrast_src", "loss_contrast_mix", "loss_contrast_tgt", "loss_reg_src",
+            "loss_cam_src", "loss_cam_mix", "loss_G_GAN", "loss_NCE", "loss_D_real", "loss_fd"} <= keys
+    assert method.prototype_seen.any()
+    seen = method.prototype_seen
+    assert torch.allclose(method.prototypes[seen].norm(dim=1), torch.ones(int(seen.sum())))
+    assert {"model", "cam", "proj"} == set(method.teacher.ema.keys())
+    assert (stage1 / "latest_net_G.pth").is_file() and (stage1 / "latest_net_D.pth").is_file()
+    assert any(not torch.equal(v, method.cut.G.state_dict()[k]) for k, v in g0.items())  # G trained jointly
+
+    stage2 = tmp_path / "stage2"
+    t2 = Trainer(_cfg(tiny_synth, stage2, "synthetic/confeti_stage2", **{"method.stylizer": str(stage1)}),
+                 progress=False)
+    m2 = t2.method
+    assert set(t2.optimizers) == {"segmenter"} and m2.cut is None and m2.reg_proj is None
+    for k, v in method.cut.G.state_dict().items():  # stage 1's generator, not retrained
+        assert torch.equal(v, m2.G.state_dict()[k])
+    trained = {id(p) for o in t2.optimizers.values() for g in o.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in trained for p in m2.G.parameters())
+    t2.train()
+    assert not m2.G.training
+    for k, v in method.cut.G.state_dict().items():
+        assert torch.equal(v, m2.G.state_dict()[k])
+    keys = set().union(*(json.loads(x) for x in (stage2 / "metrics.jsonl").read_text().splitlines()))
+    assert "loss_contrast_mix" in keys and "loss_consistency" not in keys and "loss_contrast_tgt" not in keys
+    assert not (stage2 / "latest_net_G.pth").exists()
+    # a G file works as well as the folder
+    G = type(m2.G)(4, 2)
+    load_cut_weights(G=G, g_path=stage1 / "latest_net_G.pth")
+
+
+def test_stage2_refuses_a_run_without_a_generator(tiny_synth, tmp_path, capsys):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="has no latest_net_G.pth"):
+        Trainer(_cfg(tiny_synth, tmp_path / "a", "synthetic/confeti_stage2", **{"method.stylizer": str(empty)}),
+                progress=False)
+    with pytest.raises(ConfigError, match="needs the stage-1 run folder"):
+        Trainer(_cfg(tiny_synth, tmp_path / "b", "synthetic/confeti_stage2"), progress=False)
+    args = tiny_overrides(tiny_synth, tmp_path / "c", **{**TINY, "method.stylizer": str(tmp_path / "nowhere")})
+    assert main(["train", "--no-progress", "-c", "synthetic/confeti_stage2", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere does not exist" in err[0]
+    with pytest.raises(ConfigError, match="stage 2 freezes G"):
+        _cfg(tiny_synth, tmp_path / "d", "synthetic/confeti_stage2", **{"method.consistency": "frozen_student",
+                                                                       "method.stylizer": str(empty)})
+    with pytest.raises(ConfigError, match="method.consistency"):
+        _cfg(tiny_synth, tmp_path / "e", **{"method.consistency": "sometimes"})
+
+
+def test_resumed_stage1_run_equals_uninterrupted(tiny_synth, tmp_path, monkeypatch):
+    train_from_config(_cfg(tiny_synth, tmp_path / "a"), progress=False)
+    ref = torch.load(tmp_path / "a" / "final.pth", weights_only=False)
+    interrupted, got = kill_and_resume(monkeypatch, Confeti, _cfg(tiny_synth, tmp_path / "b"), 4, 3)
+    assert interrupted["iteration"] == 3
+    for k, v in ref["model"].items():
+        assert torch.equal(v, got["model"][k]), k
+    assert set(ref["method"]) == set(got["method"])
+    assert {"prototypes", "prototype_seen"} <= set(ref["method"])
+    for k, v in ref["method"].items():  # teacher, heads, CUT networks, prototypes
+        assert torch.equal(v, got["method"][k]), k
+    for name in ref["optimizers"]:
+        assert_optimizer_states_equal(ref["optimizers"][name]["state"], got["optimizers"][name]["state"])
+    assert ref["history"][-1]["mIoU"] == got["history"][-1]["mIoU"]
