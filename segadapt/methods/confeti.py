@@ -36,7 +36,7 @@ from ..errors import ConfigError, TrainingError
 from ..models.cut import CUT_FILES, ResnetGenerator, from_cut_range, load_cut_weights, to_cut_range
 from . import register_method
 from .augment import present_classes
-from .base import IGNORE_INDEX, segmentation_loss, upsample
+from .base import segmentation_loss, upsample
 from .cut import CUTSettings, build_cut_model, check_cut_settings, cut_optimizers, load_cut_folder
 from .feature_distance import feature_distance_mask, masked_feature_distance
 from .losses import resize_labels
