@@ -236,3 +236,22 @@ def test_resumed_stage1_run_equals_uninterrupted(tiny_synth, tmp_path, monkeypat
     for name in ref["optimizers"]:
         assert_optimizer_states_equal(ref["optimizers"][name]["state"], got["optimizers"][name]["state"])
     assert ref["history"][-1]["mIoU"] == got["history"][-1]["mIoU"]
+
+
+def test_single_stage_stylizer_optimiser_and_heads(tiny_synth, tmp_path):
+    t = Trainer(_cfg(tiny_synth, tmp_path / "run", "synthetic/confeti_single"), progress=False)
+    m, o = t.method, t.optimizers["generator"]
+    assert isinstance(o.optimizer, torch.optim.AdamW)
+    g = o.optimizer.param_groups[0]
+    assert g["initial_lr"] == 6e-5 and g["betas"] == (0.5, 0.999) and g["weight_decay"] == 0.01
+    o.set_iteration(3)  # half of 6 iterations, poly power 0.9
+    assert g["lr"] == pytest.approx(6e-5 * 0.5 ** 0.9)
+    assert len(m.proj.proj) == 3 and m.prototype_seen.all()  # MLP head; random unit prototypes
+    assert torch.allclose(m.prototypes.norm(dim=1), torch.ones(19))
+    # stage 1: CUT's Adam at a constant rate
+    t1 = Trainer(_cfg(tiny_synth, tmp_path / "s1"), progress=False)
+    o1 = t1.optimizers["generator"]
+    assert type(o1.optimizer) is torch.optim.Adam
+    o1.set_iteration(3)
+    assert o1.optimizer.param_groups[0]["lr"] == 2e-4
+    assert not t1.method.prototype_seen.any() and not t1.method.prototypes.any()
