@@ -11,13 +11,16 @@ from segadapt.engine.trainer import Trainer, train_from_config
 from segadapt.errors import ConfigError
 from segadapt.methods.confeti import (
     Confeti,
+    bilinear_at,
     cam_loss,
-    prototype_candidates,
     prototype_contrast_loss,
     prototype_regulariser,
     sample_pixels,
+    top_pixels_per_class,
     update_prototypes_,
+    weighted_class_means,
 )
+from segadapt.methods.base import upsample
 from segadapt.models.cut import from_cut_range, load_cut_weights, to_cut_range
 
 from .conftest import assert_optimizer_states_equal, kill_and_resume, tiny_overrides
@@ -99,12 +102,17 @@ def test_prototype_regulariser_sign_as_specified():
                                                                                                          rel=1e-5)
 
 
+def candidates(v, labels, w, rank, valid, num_classes, topk):
+    idx, chosen = top_pixels_per_class(labels, rank, valid, num_classes, topk)
+    return weighted_class_means(v[idx], w[idx], chosen)
+
+
 def test_prototype_candidates_weighted_top_k_per_class():
     v = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, 4.0], [1.0, 0.0], [5.0, 5.0]])
     labels = torch.tensor([0, 0, 0, 1, 1, 255])
     w = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.3, 1.0])
     valid = labels != 255
-    f, present = prototype_candidates(v, labels, w, w, valid, num_classes=3, topk=2)
+    f, present = candidates(v, labels, w, w, valid, num_classes=3, topk=2)
     assert present.tolist() == [True, True, False]
     # class 0: pixels 1 and 2 (weights 0.9, 0.5); class 1: both its pixels
     assert torch.allclose(f[0], F.normalize(0.9 * v[1] + 0.5 * v[2], dim=0), atol=1e-6)
@@ -119,12 +127,22 @@ def test_uniform_weights_pick_random_source_pixels():
     picks = []
     for seed in range(2):
         g = torch.Generator().manual_seed(seed)
-        f, present = prototype_candidates(v, labels, torch.ones(n), torch.rand(n, generator=g), source, 1, 32)
+        f, present = candidates(v, labels, torch.ones(n), torch.rand(n, generator=g), source, 1, 32)
         chosen = f[0] > 0
         assert present[0] and chosen.sum() == 32 and not chosen[60:].any()  # 32 source pixels, equal weights
         assert torch.allclose(f[0][chosen], torch.full((32,), 1 / math.sqrt(32)))
         picks.append(chosen)
     assert not torch.equal(picks[0], picks[1])  # random among ties, not the first 32
+
+
+def test_bilinear_at_equals_upsampling_then_reading_the_pixels():
+    torch.manual_seed(0)
+    feats = torch.randn(3, 5, 4, 7)
+    size = (13, 29)
+    full = upsample(feats, size).permute(0, 2, 3, 1).reshape(-1, 5)
+    idx = torch.randint(0, 3 * 13 * 29, (19, 6))
+    idx[0, 0], idx[0, 1] = 0, 3 * 13 * 29 - 1  # corners of the first and last image
+    assert torch.allclose(bilinear_at(feats, idx, size), full[idx], atol=1e-5)
 
 
 def test_prototype_update_first_copy_then_ema_and_renormalised():

@@ -95,24 +95,45 @@ def prototype_regulariser(v: torch.Tensor, keep: torch.Tensor, prototypes: torch
 
 
 @torch.no_grad()
-def prototype_candidates(v: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, rank: torch.Tensor,
-                         valid: torch.Tensor, num_classes: int, topk: int):
-    """Per class, the weighted mean feature of its `topk` pixels with the highest `rank`.
+def top_pixels_per_class(labels: torch.Tensor, rank: torch.Tensor, valid: torch.Tensor, num_classes: int,
+                         topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, the `topk` valid pixels of that label with the highest `rank`.
 
-    v (N, D) features, labels / weights / rank / valid (N,). Returns (f (C, D) L2-normalised
-    weighted means, present (C,) bool). A class with fewer valid pixels uses all of them.
+    labels / rank / valid (N,). Returns (idx (C, k) flat pixel indices, chosen (C, k) bool): a
+    class with fewer valid pixels has its extra slots unchosen.
     """
     onehot = (labels.unsqueeze(0) == torch.arange(num_classes, device=labels.device).unsqueeze(1)) & valid
     key = torch.where(onehot, rank.unsqueeze(0).float(), torch.full_like(onehot, -math.inf, dtype=torch.float))
-    k = min(topk, labels.numel())
-    top, idx = key.topk(k, dim=1)  # (C, k)
-    chosen = torch.isfinite(top)
-    w = torch.where(chosen, weights[idx].float(), torch.zeros_like(top))
-    sums = torch.einsum("ck,ckd->cd", w, v.float()[idx])
+    top, idx = key.topk(min(topk, labels.numel()), dim=1)
+    return idx, torch.isfinite(top)
+
+
+def weighted_class_means(v: torch.Tensor, w: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """v (C, k, D) chosen pixels' features, w (C, k) their weights -> (normalize(sum w v / sum w) (C, D),
+    present (C,) bool)."""
+    w = torch.where(chosen, w.float(), torch.zeros_like(w, dtype=torch.float))
     total = w.sum(1, keepdim=True)
-    present = chosen.any(1) & (total.squeeze(1) > 0)
-    f = F.normalize(sums / total.clamp_min(1e-12), dim=1)
-    return f, present
+    f = F.normalize(torch.einsum("ck,ckd->cd", w, v.float()) / total.clamp_min(1e-12), dim=1)
+    return f, chosen.any(1) & (total.squeeze(1) > 0)
+
+
+def bilinear_at(features: torch.Tensor, flat_idx: torch.Tensor, size) -> torch.Tensor:
+    """The values that ``upsample(features, size)`` (bilinear, align_corners=True) has at the flat
+    (B, H, W) pixel indices `flat_idx` (any shape), computed at those pixels only: (*idx.shape, D).
+    Upsampling a wide feature map to label size just to read a few hundred pixels would cost
+    B x D x H x W memory."""
+    b, d = features.shape[:2]
+    h, w = size
+    flat = flat_idx.reshape(-1)
+    n, y, x = flat // (h * w), (flat // w) % h, flat % w
+    # align_corners=True: output pixel i sits at input position i * (in - 1) / (out - 1), which is
+    # grid_sample(align_corners=True) at normalised coordinate 2 i / (out - 1) - 1
+    gx = 2.0 * x.float() / max(w - 1, 1) - 1.0
+    gy = 2.0 * y.float() / max(h - 1, 1) - 1.0
+    grid = torch.stack([gx, gy], dim=-1).view(1, 1, -1, 2).expand(b, 1, -1, 2).to(features.dtype)
+    sampled = F.grid_sample(features, grid, mode="bilinear", align_corners=True)  # (B, D, 1, M)
+    picked = sampled[n, :, 0, torch.arange(flat.numel(), device=flat.device)]  # each pixel from its own image
+    return picked.reshape(*flat_idx.shape, d)
 
 
 @torch.no_grad()
@@ -257,7 +278,6 @@ class Confeti(DAFormer):
         ema = self.teacher.ema
         feats = ema["model"](images, return_features=True)["features"]
         size = labels.shape[-2:]
-        v = upsample(ema["proj"](feats), size).permute(0, 2, 3, 1).reshape(-1, m.proj_dim)
         y = labels.reshape(-1)
         valid = (y >= 0) & (y < c)
         if it > m.cross_domain_start:  # category-wise cross-domain information
@@ -268,7 +288,9 @@ class Confeti(DAFormer):
             valid = valid & source_mask.reshape(-1).bool()
             w = torch.ones_like(y, dtype=torch.float)
             rank = torch.rand(y.shape, device=y.device)
-        f, present = prototype_candidates(v, y, w, rank, valid, c, m.proto_topk)
+        idx, chosen = top_pixels_per_class(y, rank, valid, c, m.proto_topk)
+        v = bilinear_at(ema["proj"](feats), idx, size)  # the EMA head's features at label size, chosen pixels
+        f, present = weighted_class_means(v, w[idx], chosen)
         update_prototypes_(self.prototypes, self.prototype_seen, f, present, m.proto_momentum)
         return present.sum()
 
