@@ -116,6 +116,8 @@ def main(argv=None):
     if args.variant:
         print(json.dumps(run_variant(json.loads(args.variant))))
         return
+    if args.benchmark == "synthetic":  # random tensors at the generated images' size (no resize in the configs)
+        args.overrides = ["source.resize=[256,128]", "target.resize=[256,128]", *args.overrides]
     rows = []
     for label, name, extra in LADDER:
         spec = {"config": f"{args.benchmark}/{name}", "overrides": [*args.overrides, *extra], "steps": args.steps,
