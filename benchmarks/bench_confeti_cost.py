@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +46,7 @@ LADDER = [
 def run_variant(spec: dict) -> dict:
     import torch
 
-    from benchmarks.bench_train_step import _patch_random_data, _sync
+    from benchmarks.bench_train_step import _patch_random_data, time_steps
     from segadapt.config import load_config
     from segadapt.engine import trainer as trainer_mod
 
@@ -72,29 +71,9 @@ def run_variant(spec: dict) -> dict:
     m = cfg.method
     start = 1 + max(int(m.get(k, 0) or 0) for k in ("contrast_start", "cross_domain_start", "cam_mix_start",
                                                      "consistency_start"))
-    module = t.method.train()
-    times = []
     if t.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(t.device)
-    for i in range(spec["warmup"] + spec["steps"]):
-        it = start + i
-        batch = {k: trainer_mod.move_to(next(s), t.device, cfg.train.channels_last) for k, s in t.streams.items()}
-        _sync(t.device)
-        t0 = time.perf_counter()
-        for o in t.optimizers.values():
-            o.set_iteration(it)
-            o.optimizer.zero_grad(set_to_none=True)
-        with t._autocast():
-            losses = module(batch, it)
-        total = sum(v.float() for k, v in losses.items() if k.startswith("loss"))
-        t.scaler.scale(total).backward()
-        for o in t.optimizers.values():
-            t.scaler.step(o.optimizer)
-        t.scaler.update()
-        module.after_step(it)
-        _sync(t.device)
-        if i >= spec["warmup"]:
-            times.append(time.perf_counter() - t0)
+    times = time_steps(t, range(start, start + spec["warmup"] + spec["steps"]), spec["warmup"])
     if t.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(t.device) / 2**20
     else:

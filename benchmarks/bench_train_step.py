@@ -32,6 +32,21 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def time_steps(t, iterations, warmup: int) -> list[float]:
+    """Run the trainer `t`'s full step at each iteration number; seconds per step after the first `warmup`."""
+    t.method.train()
+    times = []
+    for i, it in enumerate(iterations):
+        batch = {k: trainer_mod.move_to(next(s), t.device, t.cfg.train.channels_last) for k, s in t.streams.items()}
+        _sync(t.device)
+        t0 = time.perf_counter()
+        t.step(batch, it)
+        _sync(t.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-c", "--config", default="synthetic/source_only")
@@ -49,27 +64,7 @@ def main(argv=None):
     if args.synthetic_input:
         _patch_random_data(cfg)
     t = trainer_mod.Trainer(cfg, progress=False)
-    module = t.method
-    module.train()
-    times = []
-    for it in range(args.steps + args.warmup):
-        batch = {k: trainer_mod.move_to(next(s), t.device, cfg.train.channels_last) for k, s in t.streams.items()}
-        _sync(t.device)
-        t0 = time.perf_counter()
-        for o in t.optimizers.values():
-            o.set_iteration(it)
-            o.optimizer.zero_grad(set_to_none=True)
-        with t._autocast():
-            losses = module(batch, it)
-        total = sum(v.float() for k, v in losses.items() if k.startswith("loss"))
-        t.scaler.scale(total).backward()
-        for o in t.optimizers.values():
-            t.scaler.step(o.optimizer)
-        t.scaler.update()
-        module.after_step(it)
-        _sync(t.device)
-        if it >= args.warmup:
-            times.append(time.perf_counter() - t0)
+    times = time_steps(t, range(args.steps + args.warmup), args.warmup)
     if t.device.type == "cuda":
         mem = f"{torch.cuda.max_memory_allocated(t.device) / 2**20:.0f} MiB (CUDA max allocated)"
     else:

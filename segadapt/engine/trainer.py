@@ -223,9 +223,31 @@ class Trainer:
         self.logger.log_eval(iteration, result, self.method.eval_model(), loader, self.device)
         return result
 
-    def train(self):
-        cfg, tc = self.cfg, self.cfg.train
+    def step(self, batch: dict, it: int) -> tuple[dict, torch.Tensor]:
+        """One training iteration on a device batch: schedules, forward + losses, one backward,
+        every optimizer, the method's `after_step`. Returns the method's outputs and the summed loss."""
         module = self.ddp if self.ddp is not None else self.method
+        for o in self.optimizers.values():
+            o.set_iteration(it)
+            o.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            out = module(batch, it)
+        total = sum(v.float() for k, v in out.items() if k.startswith("loss"))
+        self.scaler.scale(total).backward()
+        if self.cfg.optim.grad_clip:
+            for o in self.optimizers.values():
+                self.scaler.unscale_(o.optimizer)
+            torch.nn.utils.clip_grad_norm_(
+                [p for o in self.optimizers.values() for g in o.optimizer.param_groups for p in g["params"]],
+                self.cfg.optim.grad_clip)
+        for o in self.optimizers.values():
+            self.scaler.step(o.optimizer)
+        self.scaler.update()
+        self.method.after_step(it)
+        return out, total
+
+    def train(self):
+        tc = self.cfg.train
         self.logger.start(self.start_iter, tc.iters, self.progress)
         last_good = self.start_iter if self.start_iter > 0 else None
         sums: dict[str, torch.Tensor] = {}
@@ -236,24 +258,7 @@ class Trainer:
         try:
             for it in range(self.start_iter, tc.iters):
                 batch = {k: move_to(next(s), self.device, tc.channels_last) for k, s in self.streams.items()}
-                for o in self.optimizers.values():
-                    o.set_iteration(it)
-                    o.optimizer.zero_grad(set_to_none=True)
-                with self._autocast():
-                    out = module(batch, it)
-                losses = {k: v for k, v in out.items() if k.startswith("loss")}
-                total = sum(v.float() for v in losses.values())
-                self.scaler.scale(total).backward()
-                if cfg.optim.grad_clip:
-                    for o in self.optimizers.values():
-                        self.scaler.unscale_(o.optimizer)
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for o in self.optimizers.values() for g in o.optimizer.param_groups for p in g["params"]],
-                        cfg.optim.grad_clip)
-                for o in self.optimizers.values():
-                    self.scaler.step(o.optimizer)
-                self.scaler.update()
-                self.method.after_step(it)
+                out, total = self.step(batch, it)
 
                 # accumulate on the device: no host sync per step
                 out = {**out, "loss": total}
