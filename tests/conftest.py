@@ -57,6 +57,20 @@ def assert_optimizer_states_equal(a: dict, b: dict) -> None:
                 assert v == b[i][name], (i, name)
 
 
+def assert_resumed_run_equal(ref: dict, got: dict) -> None:
+    """A resumed run's final checkpoint equals the uninterrupted run's: segmenter and method state
+    (same keys, equal tensors), every optimizer's state, data stream positions, final mIoU."""
+    for part in ("model", "method"):
+        assert ref[part].keys() == got[part].keys(), part
+        for k, v in ref[part].items():
+            assert torch.equal(v, got[part][k]), (part, k)
+    assert ref["optimizers"].keys() == got["optimizers"].keys()
+    for name in ref["optimizers"]:
+        assert_optimizer_states_equal(ref["optimizers"][name]["state"], got["optimizers"][name]["state"])
+    assert ref["streams"] == got["streams"]
+    assert ref["history"][-1]["mIoU"] == got["history"][-1]["mIoU"]
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_synth, tmp_path_factory):
     """A 2-iteration source-only run on the tiny benchmark (read-only for the tests using it)."""

@@ -37,7 +37,7 @@ from segadapt.methods.self_training import (
 )
 from segadapt.methods.teacher import MeanTeacher, ema_alpha
 
-from .conftest import assert_optimizer_states_equal, kill_and_resume, tiny_overrides
+from .conftest import assert_resumed_run_equal, kill_and_resume, tiny_overrides
 
 THINGS = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 
@@ -305,13 +305,5 @@ def test_resumed_daformer_run_equals_uninterrupted(tiny_synth, tmp_path, monkeyp
     interrupted, got = kill_and_resume(monkeypatch, DAFormer, cfg, 4, 3)
     assert interrupted["iteration"] == 3
 
-    for k, v in ref["model"].items():
-        assert torch.equal(v, got["model"][k]), k
-    assert set(ref["method"]) == set(got["method"])
     assert any(k.startswith("teacher.") for k in ref["method"])
-    for k, v in ref["method"].items():  # teacher and frozen backbone
-        assert torch.equal(v, got["method"][k]), k
-    a, b = ref["optimizers"]["segmenter"]["state"], got["optimizers"]["segmenter"]["state"]
-    assert_optimizer_states_equal(a, b)
-    assert ref["streams"] == got["streams"]
-    assert ref["history"][-1]["mIoU"] == got["history"][-1]["mIoU"]
+    assert_resumed_run_equal(ref, got)  # teacher and frozen backbone included
