@@ -221,8 +221,7 @@ class Confeti(DAFormer):
             protos = torch.zeros(c, m.proj_dim)
         self.register_buffer("prototypes", protos)
         self.register_buffer("prototype_seen", torch.full((c,), m.proto_init == "random"))
-        self.trains_stylizer = m.stage == 1
-        if self.trains_stylizer:
+        if m.stage == 1:
             self.cut = build_cut_model(m.cut)
             if m.stylizer:
                 _load_stylizer_init(self.cut, Path(m.stylizer))
@@ -234,12 +233,17 @@ class Confeti(DAFormer):
 
     # ------------------------------------------------------------------ networks
     @property
+    def trains_stylizer(self) -> bool:
+        """Stage 1 / single stage: G, D and F are trained with the segmenter."""
+        return self.cut is not None
+
+    @property
     def G(self) -> nn.Module:
-        return self.cut.G if self.cut is not None else self.generator
+        return self.cut.G if self.trains_stylizer else self.generator
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.cut is None:
+        if not self.trains_stylizer:
             self.generator.eval()  # stage 2: frozen, eval mode
         return self
 
@@ -408,7 +412,7 @@ class Confeti(DAFormer):
     # ------------------------------------------------------------------ hooks
     def on_train_end(self, out_dir) -> None:
         """The run folder gets CUT's latest_net_G/D/F.pth: stage 2 takes the folder."""
-        if self.cut is not None:
+        if self.trains_stylizer:
             self.cut.save_weights(out_dir)
 
 
