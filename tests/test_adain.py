@@ -393,8 +393,51 @@ def test_stylize_input_errors_are_one_line(tmp_path, tiny_synth, decoder_file, c
     root = tiny_synth / "source"
     base = ["stylize", "--data-kind", "gta5", "--root", str(root)]
     assert main([*base, "--out", str(tmp_path / "o"), "--style-dir", str(tmp_path)]) == 2
-    assert "--decoder is required" in capsys.readouterr().err
+    assert "give --decoder" in capsys.readouterr().err
     assert main([*base, "--out", str(root / "x"), "--decoder", str(decoder_file), "--style-dir", str(tmp_path)]) == 2
     assert "outside --root" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "o"), "--decoder", str(decoder_file)]) == 2
     assert "--style-dir or --target-root" in capsys.readouterr().err
+
+
+def test_stylize_with_a_cut_generator(tiny_synth, tmp_path, decoder_file, capsys):
+    """--cut-generator: the copy holds G's translation of each image (sized from the file, odd
+    sides padded and cropped back); labels are copied; stylize.json says CUT."""
+    import numpy as np
+
+    from segadapt.data.io import read_image
+    from segadapt.models.cut import ResnetGenerator, from_cut_range, save_cut_weights, to_cut_range
+
+    torch.manual_seed(0)
+    G = ResnetGenerator(ngf=4, n_blocks=1).eval()
+    save_cut_weights(tmp_path / "cut", G=G)
+    src = _tiny_gta5(tiny_synth / "source", tmp_path / "gta5", ["00001.png", "00002.png"])
+    out = tmp_path / "gta5_cut"
+    common = ["stylize", "--data-kind", "gta5", "--root", str(src), "--batch-size", "2", "--workers", "0",
+              "--no-progress"]
+    # odd sizes exercise the padding to G's multiple of 4
+    assert main([*common, "--cut-generator", str(tmp_path / "cut"), "--size", "31", "18", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert _files(out) == sorted(_files(src) + ["stylize.json"])
+    for n in ("00001.png", "00002.png"):
+        assert (out / "labels" / n).read_bytes() == (src / "labels" / n).read_bytes()
+    x = torch.from_numpy(read_image(src / "images" / "00001.png").transpose(2, 0, 1).copy()).float()[None] / 255
+    h, w = x.shape[-2:]
+    small = torch.nn.functional.interpolate(x, size=(18, 31), mode="bilinear", align_corners=False, antialias=True)
+    padded = torch.nn.functional.pad(small, (0, 1, 0, 2), mode="reflect")
+    with torch.no_grad():
+        y = from_cut_range(G(to_cut_range(padded)))[..., :18, :31]
+    y = torch.nn.functional.interpolate(y, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+    expected = y.mul(255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    got = read_image(out / "images" / "00001.png")
+    assert got.shape == expected.shape and np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    run = json.loads((out / "stylize.json").read_text())["runs"]["gta5:train:"]
+    assert run["stylizer"] == "cut" and run["cut_ngf"] == 4 and run["random_encoder"] is False
+
+    # exactly one stylizer; a file that is not a CUT G is one line
+    assert main([*common, "--cut-generator", str(tmp_path / "cut"), "--decoder", str(decoder_file),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([*common, "--cut-generator", str(decoder_file), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "not a CUT generator" in err and len(err.strip().splitlines()) == 1

@@ -1,7 +1,8 @@
-"""`segadapt stylize`: write an AdaIN-restyled copy of a dataset in its own layout.
+"""`segadapt stylize`: write a restyled copy of a dataset in its own layout.
 
-Images are restyled toward a few style images (default: the target domain's
-Cityscapes train images), labels and list files are copied byte for byte, so
+Images are restyled with AdaIN toward a few style images (default: the target
+domain's Cityscapes train images), or translated by a trained CUT generator
+(``--cut-generator``); labels and list files are copied byte for byte, so
 the copy is read by the same dataset readers (point ``source.root`` at it).
 The evaluation split (Cityscapes ``val``) is refused unless ``--include-eval``
 is given: restyling it changes the benchmark, and the copy then says so in
@@ -23,8 +24,8 @@ KINDS = ("gta5", "cityscapes", "synthia", "folder")
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "stylize", help="write an AdaIN-restyled copy of a dataset (same layout, labels copied)",
-        description="Restyle a dataset's images with AdaIN and write a copy in the same layout; "
+        "stylize", help="write an AdaIN- or CUT-restyled copy of a dataset (same layout, labels copied)",
+        description="Restyle a dataset's images with AdaIN (or a CUT generator) and write a copy in the same layout; "
                     "labels and list files are copied unchanged. Cityscapes val is refused unless --include-eval.")
     p.add_argument("--data-kind", required=True, choices=KINDS, help="layout of --root")
     p.add_argument("--root", required=True, help="dataset to restyle")
@@ -34,6 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--list-file", default=None, help="restyle only the samples named in this list (relative to --root)")
     p.add_argument("--vgg", default=None, help="vgg_normalised.pth (default: a seeded RANDOM encoder, with a warning)")
     p.add_argument("--decoder", default=None, help="decoder.pth (published, or from `segadapt adain-train`)")
+    p.add_argument("--cut-generator", default=None,
+                   help="translate with a CUT generator instead of AdaIN: a latest_net_G.pth, or a folder holding "
+                        "one (e.g. a `segadapt train -c <benchmark>/cut` run); style options are then unused")
     p.add_argument("--style-dir", default=None, help="folder of style images (any layout, searched recursively)")
     p.add_argument("--target-root", default=None,
                    help="Cityscapes root whose leftImg8bit/train images are the styles (when no --style-dir)")
@@ -148,6 +152,23 @@ def _list_files(root: Path, list_file):
     return sorted(p for p in root.glob("*.txt") if p.is_file() and p.name != EVAL_MARKER)
 
 
+def cut_translate(G, x):
+    """[0, 1] RGB through a CUT generator; sides reflect-padded to a multiple of 4 (its two
+    stride-2 steps) and the output cropped back."""
+    import torch.nn.functional as F
+
+    from segadapt.models.cut import from_cut_range, to_cut_range
+
+    import torch
+
+    h, w = x.shape[-2:]
+    ph, pw = -h % 4, -w % 4
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="reflect")
+    with torch.no_grad():
+        return from_cut_range(G(to_cut_range(x)))[..., :h, :w]
+
+
 def _style_images(args):
     from segadapt.errors import ConfigError
     from segadapt.models.adain import load_style_images
@@ -172,11 +193,13 @@ def run(args) -> int:
     import torch
     import torch.nn.functional as F
     from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from segadapt.errors import ConfigError
     from segadapt.models.adain import AdaINStylizer
+    from segadapt.models.cut import generator_from_file
 
     root, out = Path(args.root), Path(args.out)
     if not 0.0 <= args.alpha <= 1.0:
@@ -185,9 +208,9 @@ def run(args) -> int:
         raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
     if args.size is not None and min(args.size) < 8:
         raise ConfigError(f"--size must be at least 8x8, got {args.size}")
-    if args.decoder is None:
-        raise ConfigError("--decoder is required (a published decoder.pth with --vgg, "
-                          "or one trained with `segadapt adain-train`)")
+    if (args.decoder is None) == (args.cut_generator is None):
+        raise ConfigError("give --decoder (AdaIN: a published decoder.pth with --vgg, or one trained with "
+                          "`segadapt adain-train`) or --cut-generator (a CUT latest_net_G.pth), not both")
     if not root.is_dir():
         raise ConfigError(f"--root {root} is not a folder")
     r_root, r_out = root.resolve(), out.resolve()
@@ -205,9 +228,21 @@ def run(args) -> int:
 
     device = resolve_device(args.device)
     ds, with_labels = _build_dataset(args, root)
-    style_folder, styles, style_names = _style_images(args)
-    stylizer = AdaINStylizer(vgg_path=args.vgg, decoder_path=args.decoder).to(device).eval()
-    mean, std = stylizer.style_stats(styles.to(device))
+    if args.cut_generator is not None:
+        G = generator_from_file(args.cut_generator).to(device).eval()
+        restyle, style_info = partial(cut_translate, G), {
+            "stylizer": "cut", "cut_generator": os.path.abspath(args.cut_generator),
+            "cut_ngf": G.model[1].out_channels, "random_encoder": False}
+    else:
+        style_folder, styles, style_names = _style_images(args)
+        stylizer = AdaINStylizer(vgg_path=args.vgg, decoder_path=args.decoder).to(device).eval()
+        mean, std = stylizer.style_stats(styles.to(device))
+        restyle = partial(stylizer.stylize_with_stats, mean=mean, std=std, alpha=args.alpha)
+        style_info = {
+            "stylizer": "adain", "style_dir": os.path.abspath(style_folder), "style_images": style_names,
+            "style_size": list(args.style_size), "num_styles": len(style_names), "style_weights": "equal",
+            "alpha": args.alpha, "vgg": args.vgg, "decoder": args.decoder, "encoder": stylizer.describe(),
+            "random_encoder": stylizer.random_encoder}
 
     if eval_split:
         print(f"WARNING: restyling the evaluation split ({args.data_kind} {args.split}); results evaluated on "
@@ -227,7 +262,7 @@ def run(args) -> int:
                 if args.size is not None:
                     x = F.interpolate(x, size=(args.size[1], args.size[0]), mode="bilinear",
                                       align_corners=False, antialias=True)
-                y = stylizer.stylize_with_stats(x, mean, std, args.alpha)
+                y = restyle(x)
                 if y.shape[-2:] != (h, w):
                     y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False).clamp_(0, 1)
                 arrays = y.mul_(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
@@ -250,18 +285,14 @@ def run(args) -> int:
         "kind": args.data_kind, "root": os.path.abspath(root), "split": args.split if args.data_kind != "folder" else None,
         "list_file": args.list_file, "images": len(images), "labels_copied": with_labels,
         "list_files_copied": [rel.as_posix() for _, rel in lists],
-        "style_dir": os.path.abspath(style_folder), "style_images": style_names, "style_size": list(args.style_size),
-        "num_styles": len(style_names), "style_weights": "equal", "alpha": args.alpha,
-        "size": list(args.size) if args.size else None, "seed": args.seed,
-        "vgg": args.vgg, "decoder": args.decoder, "encoder": stylizer.describe(),
-        "random_encoder": stylizer.random_encoder, "eval_split": eval_split,
+        "size": list(args.size) if args.size else None, "seed": args.seed, "eval_split": eval_split, **style_info,
     }
     _record(out, run_info)
     if eval_split:
         (out / EVAL_MARKER).write_text(
             f"This copy contains RESTYLED EVALUATION images ({args.data_kind} split {args.split} of {root}).\n"
             "Results evaluated on it are not comparable to the standard benchmark; say so when reporting them.\n")
-    note = " (RANDOM encoder)" if stylizer.random_encoder else ""
+    note = " (RANDOM encoder)" if style_info["random_encoder"] else ""
     print(f"restyled {len(images)} images{note} -> {out}")
     return 0
 

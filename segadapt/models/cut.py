@@ -39,7 +39,7 @@ from ..errors import CheckpointError
 __all__ = [
     "CUT_FILES", "NCE_LAYERS", "to_cut_range", "from_cut_range", "binomial_filter", "BlurDownsample",
     "BlurUpsample", "ResnetBlock", "ResnetGenerator", "NLayerDiscriminator", "PatchSampleMLP",
-    "patch_nce_loss", "lsgan_loss", "CUTModel", "save_cut_weights", "load_cut_weights",
+    "patch_nce_loss", "lsgan_loss", "CUTModel", "save_cut_weights", "load_cut_weights", "generator_from_file",
 ]
 
 CUT_FILES = {"G": "latest_net_G.pth", "D": "latest_net_D.pth", "F": "latest_net_F.pth"}
@@ -385,3 +385,30 @@ def load_cut_weights(G: Optional[nn.Module] = None, D: Optional[nn.Module] = Non
             _load_checked(net, path, part)
             loaded[part] = Path(path)
     return loaded
+
+
+def generator_from_file(path) -> ResnetGenerator:
+    """A ``ResnetGenerator`` sized from a G file (``ngf`` from the first conv, the block count
+    from the last conv's index) with its weights loaded: CUT files do not store their options.
+    ``path`` is a ``latest_net_G.pth`` or a folder holding one."""
+    from .checkpoints import read_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CUT_FILES["G"]
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    keys = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()} \
+        if isinstance(obj, dict) else {}
+    first = keys.get("model.1.weight")
+    if not isinstance(first, torch.Tensor) or first.dim() != 4 or tuple(first.shape[1:]) != (3, 7, 7):
+        raise CheckpointError(f"checkpoint {path}: not a CUT generator (no 7x7 RGB input conv model.1.weight)")
+    last_conv = max(int(k.split(".")[1]) for k in keys if k.startswith("model.") and k.split(".")[1].isdigit())
+    # layers: 4 (stem) + 2 x 4 (down) + n_blocks + 2 x 4 (up) + pad, conv, tanh: the last conv is 21 + n_blocks
+    n_blocks = last_conv - 21
+    if n_blocks < 0:
+        raise CheckpointError(f"checkpoint {path}: not a CUT ResNet generator (last layer index {last_conv})")
+    G = ResnetGenerator(int(first.shape[0]), n_blocks)
+    _load_checked(G, path, "G")
+    return G
