@@ -42,7 +42,6 @@ from .feature_distance import feature_distance_mask, masked_feature_distance
 from .losses import resize_labels
 from .minent import nested_config
 from .self_training import DAFormer, weighted_cross_entropy
-from .teacher import MeanTeacher
 
 CONSISTENCY_MODES = ("frozen_student", "ema", "none")
 
@@ -208,12 +207,7 @@ class Confeti(DAFormer):
     def __init__(self, model, cfg, mcfg):
         super().__init__(model, cfg, mcfg)
         m = self.mcfg
-        c, ch = self.num_classes, model.feature_channels
-        self.cam = nn.Conv2d(ch, c, 1)
-        self.proj = ContrastiveHead(ch, m.proj_dim, m.proj_hidden)
-        self.reg_proj = nn.Conv2d(m.proj_dim, m.proj_dim, 1) if m.consistency != "none" else None
-        # EMA copies of the segmenter and both heads (replaces the segmenter-only teacher)
-        self.teacher = MeanTeacher(nn.ModuleDict({"model": model, "cam": self.cam, "proj": self.proj}), m.ema_alpha)
+        c = self.num_classes
         if m.proto_init == "random":
             g = torch.Generator().manual_seed(cfg.train.seed)
             protos = F.normalize(torch.randn(c, m.proj_dim, generator=g), dim=1)
@@ -232,6 +226,16 @@ class Confeti(DAFormer):
             self.generator.requires_grad_(False).eval()
 
     # ------------------------------------------------------------------ networks
+    def build_heads(self) -> None:
+        m, ch = self.mcfg, self.model.feature_channels
+        self.cam = nn.Conv2d(ch, self.num_classes, 1)
+        self.proj = ContrastiveHead(ch, m.proj_dim, m.proj_hidden)
+        self.reg_proj = nn.Conv2d(m.proj_dim, m.proj_dim, 1) if m.consistency != "none" else None
+
+    def teacher_source(self) -> nn.Module:
+        # EMA copies of the segmenter and both heads
+        return nn.ModuleDict({"model": self.model, "cam": self.cam, "proj": self.proj})
+
     @property
     def trains_stylizer(self) -> bool:
         """Stage 1 / single stage: G, D and F are trained with the segmenter."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.labels import THING_CLASSES
@@ -87,8 +88,16 @@ class DACS(UDAMethod):
         if m.ignore_top < 0 or m.ignore_bottom < 0:
             raise ConfigError("method.ignore_top / method.ignore_bottom must be >= 0")
         self.num_classes = cfg.model.num_classes
+        self.build_heads()
         # copied now: the student as built, i.e. after model.pretrained / train.init_from (t = 0)
-        self.teacher = MeanTeacher(model, m.ema_alpha)
+        self.teacher = MeanTeacher(self.teacher_source(), m.ema_alpha)
+
+    def build_heads(self) -> None:
+        """Where subclasses create heads that the teacher averages too: called before it is copied."""
+
+    def teacher_source(self) -> nn.Module:
+        """What the mean teacher is an EMA of: the segmenter (subclasses add their heads)."""
+        return self.model
 
     # ------------------------------------------------------------------ pieces
     @torch.no_grad()
