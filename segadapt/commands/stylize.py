@@ -155,11 +155,10 @@ def _list_files(root: Path, list_file):
 def cut_translate(G, x):
     """[0, 1] RGB through a CUT generator; sides reflect-padded to a multiple of 4 (its two
     stride-2 steps) and the output cropped back."""
+    import torch
     import torch.nn.functional as F
 
     from segadapt.models.cut import from_cut_range, to_cut_range
-
-    import torch
 
     h, w = x.shape[-2:]
     ph, pw = -h % 4, -w % 4

@@ -343,15 +343,23 @@ def save_cut_weights(out_dir, G: Optional[nn.Module] = None, D: Optional[nn.Modu
     return written
 
 
-def _load_checked(net: nn.Module, path, part: str) -> None:
-    from .checkpoints import describe_mismatch, read_checkpoint
+def _read_state(path, part: str) -> dict:
+    """A CUT file's state dict: ``state_dict`` wrapper and DataParallel ``module.`` prefix removed."""
+    from .checkpoints import read_checkpoint
 
     obj = read_checkpoint(path)  # one-line CheckpointError for a missing / unreadable file
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"checkpoint {path}: not a CUT {part} state dict (expected a dict of tensors)")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def _load_checked(net: nn.Module, path, part: str, state: Optional[dict] = None) -> None:
+    """Load `path` (or its already read `state`) into `net`, refusing any key or shape mismatch."""
+    from .checkpoints import describe_mismatch
+
+    state = dict(_read_state(path, part) if state is None else state)
     target = net.state_dict()
     modules = dict(net.named_modules())
     # files from old PyTorch versions hold instance-norm statistics that CUT's norm layers do not use
@@ -391,24 +399,18 @@ def generator_from_file(path) -> ResnetGenerator:
     """A ``ResnetGenerator`` sized from a G file (``ngf`` from the first conv, the block count
     from the last conv's index) with its weights loaded: CUT files do not store their options.
     ``path`` is a ``latest_net_G.pth`` or a folder holding one."""
-    from .checkpoints import read_checkpoint
-
     path = Path(path)
     if path.is_dir():
         path = path / CUT_FILES["G"]
-    obj = read_checkpoint(path)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    keys = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()} \
-        if isinstance(obj, dict) else {}
-    first = keys.get("model.1.weight")
-    if not isinstance(first, torch.Tensor) or first.dim() != 4 or tuple(first.shape[1:]) != (3, 7, 7):
+    state = _read_state(path, "G")
+    first = state.get("model.1.weight")
+    if first is None or first.dim() != 4 or tuple(first.shape[1:]) != (3, 7, 7):
         raise CheckpointError(f"checkpoint {path}: not a CUT generator (no 7x7 RGB input conv model.1.weight)")
-    last_conv = max(int(k.split(".")[1]) for k in keys if k.startswith("model.") and k.split(".")[1].isdigit())
+    last_conv = max(int(k.split(".")[1]) for k in state if k.startswith("model.") and k.split(".")[1].isdigit())
     # layers: 4 (stem) + 2 x 4 (down) + n_blocks + 2 x 4 (up) + pad, conv, tanh: the last conv is 21 + n_blocks
     n_blocks = last_conv - 21
     if n_blocks < 0:
         raise CheckpointError(f"checkpoint {path}: not a CUT ResNet generator (last layer index {last_conv})")
     G = ResnetGenerator(int(first.shape[0]), n_blocks)
-    _load_checked(G, path, "G")
+    _load_checked(G, path, "G", state)
     return G
