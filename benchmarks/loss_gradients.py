@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segadapt.config import load_config  # noqa: E402
 from segadapt.engine import trainer as trainer_mod  # noqa: E402
+from segadapt.errors import SegadaptError  # noqa: E402
 
 
 def parameter_groups(method) -> dict[str, list[torch.nn.Parameter]]:
@@ -81,4 +82,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SegadaptError as e:  # a missing checkpoint, a config typo: one line, not a traceback
+        sys.exit(f"loss_gradients: error: {e}")

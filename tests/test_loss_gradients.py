@@ -7,7 +7,7 @@ import torch
 
 from segadapt.config import load_config
 from segadapt.engine import trainer as trainer_mod
-from tests.conftest import tiny_overrides
+from .conftest import tiny_overrides
 
 _spec = importlib.util.spec_from_file_location(
     "loss_gradients", Path(__file__).resolve().parents[1] / "benchmarks" / "loss_gradients.py")
