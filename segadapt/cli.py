@@ -203,8 +203,11 @@ def main(argv=None) -> int:
     from .errors import SegadaptError
 
     handlers = {"train": cmd_train, "test": cmd_test, "synth": cmd_synth, "configs": cmd_configs}
+    finished = False
     try:
-        return handlers[args.command](args) if args.command in handlers else args.func(args)
+        code = handlers[args.command](args) if args.command in handlers else args.func(args)
+        finished = True
+        return code
     except SegadaptError as e:
         if args.debug:
             raise
@@ -219,7 +222,8 @@ def main(argv=None) -> int:
     finally:
         from .engine.distributed import cleanup
 
-        cleanup()
+        # a failed rank must not wait at the exit barrier for peers that may never come
+        cleanup(wait_for_peers=finished)
 
 
 if __name__ == "__main__":

@@ -499,7 +499,7 @@ class _Layout:
 
     # ------------------------------------------------------------------ scene
     def build(self) -> Scene:
-        rng, d, c = self.rng, self.d, self.cam
+        rng, d = self.rng, self.d
         lanes = int(rng.integers(d.lanes[0], d.lanes[1] + 1))
         lw = _u(rng, d.lane_w)
         ego = int(rng.integers(0, lanes)) if lanes > 1 else 0
@@ -741,7 +741,6 @@ class _Layout:
 
     def _tree(self, X, Z, big):
         rng, c, b = self.rng, self.cam, self.b
-        s = c.s(Z)
         o = b.obj(5, Z, 8, _D_CONST, Z)
         th = float(rng.uniform(1.8, 3.2))
         tw = float(rng.uniform(0.2, 0.4))

@@ -64,9 +64,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def cleanup() -> None:
+def cleanup(wait_for_peers: bool = True) -> None:
+    """Tear the group down only once every rank got here: a rank that exits while rank 0 still
+    writes results can abort in gloo's teardown ("terminate called without an active exception")."""
     if is_dist():
-        dist.destroy_process_group()
+        try:
+            if wait_for_peers:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
