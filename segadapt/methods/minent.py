@@ -49,7 +49,8 @@ class StyleConfig:
     datasets need nothing here: point the dataset root at the restyled copy)."""
 
     mode: str = "none"  # none | online
-    vgg: Optional[str] = None  # vgg_normalised.pth; None = AdaIN's seeded random encoder
+    vgg: Optional[str] = None  # vgg_normalised.pth; None = MobileNetV2 or AdaIN's seeded random encoder
+    mobilenet: Optional[str] = None  # MobileNetV2 weights (or "installed"); None = what the decoder records
     decoder: Optional[str] = None  # decoder.pth trained for that encoder (required for online)
     style_dir: Optional[str] = None  # any folder of images; None = the target training images
     num_styles: int = 4  # style images blended with equal weights 1/N (reference: 4)
@@ -79,7 +80,7 @@ def build_stylizer(scfg: StyleConfig):
     """The frozen AdaIN stylizer; imported here so that the rest works without it."""
     from ..models.adain import AdaINStylizer
 
-    return AdaINStylizer(vgg_path=scfg.vgg, decoder_path=scfg.decoder)
+    return AdaINStylizer(vgg_path=scfg.vgg, decoder_path=scfg.decoder, mobilenet_path=scfg.mobilenet)
 
 
 def load_styles(scfg: StyleConfig, cfg) -> torch.Tensor:

