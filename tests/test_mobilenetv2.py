@@ -143,6 +143,10 @@ def test_mobilenet_stylizer_trains_saves_and_rebuilds_its_encoder(weights_file, 
     save_decoder(s, dec)
     again = AdaINStylizer(decoder_path=str(dec))  # the decoder records its encoder file
     assert again.describe()["encoder"] == "mobilenetv2" and again.describe()["decoder_trained"]
+    from segadapt.methods.minent import StyleConfig, build_stylizer
+
+    online = build_stylizer(StyleConfig(mode="online", decoder=str(dec), mobilenet=str(weights_file)))
+    assert online.describe()["mobilenet_file"] == str(weights_file)  # method.style.mobilenet reaches it
     out = again.eval()(content, style)
     assert out.shape == content.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 
