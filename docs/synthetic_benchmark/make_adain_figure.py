@@ -5,14 +5,13 @@ styling (alpha 0, middle) and the restyled images (alpha 1, bottom).
         --out docs/synthetic_benchmark/adain_mobilenet.png
 """
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from segadapt.config import DatasetConfig
 from segadapt.data.datasets import build_dataset
+from segadapt.data.io import write_png
 from segadapt.models.adain import AdaINStylizer
 
 
@@ -34,9 +33,7 @@ def main() -> None:
     mean, std = s.style_stats(styles)
     rows = [content, s.stylize_with_stats(content, mean, std, alpha=0.0), s.stylize_with_stats(content, mean, std)]
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
-    img = (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(args.out)
+    write_png(args.out, (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
     print(f"wrote {args.out} ({s.describe()['encoder']} encoder)")
 
 

@@ -9,11 +9,11 @@ import argparse
 
 import numpy as np
 import torch
-from PIL import Image
 
 from segadapt.commands.stylize import cut_translate
 from segadapt.config import DatasetConfig
 from segadapt.data.datasets import build_dataset
+from segadapt.data.io import write_png
 from segadapt.models.cut import generator_from_file
 
 
@@ -31,7 +31,7 @@ def main() -> None:
         for run in args.runs:
             rows.append(cut_translate(generator_from_file(run).eval(), x))
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
-    Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(args.out)
+    write_png(args.out, (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
     print(f"wrote {args.out}")
 
 

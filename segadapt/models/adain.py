@@ -192,7 +192,7 @@ MOBILENET_CHANNELS = 144
 class MobileNetAdaINEncoder(nn.Module):
     """ImageNet MobileNetV2 as a *trained* AdaIN encoder (RGB [0, 1] in, 144 channels at stride 4 out).
 
-    Frozen, BatchNorm with the stored statistics. ``taps`` gives the four
+    Frozen, BatchNorm with the stored statistics. ``taps`` gives the three
     activations of the style loss; ``forward`` the last, which AdaIN renormalises.
     """
 
@@ -205,19 +205,16 @@ class MobileNetAdaINEncoder(nn.Module):
         self.net.eval().requires_grad_(False)
 
     def taps(self, x: Tensor) -> List[Tensor]:
-        f = self.net.features
+        f, last = self.net.features, MOBILENET_DEPTH - 1
         x = f[0](self.net.normalise(x))
         feats = [x]
-        for i in range(1, MOBILENET_DEPTH):
-            if i in MOBILENET_TAP_BLOCKS:
-                expanded = f[i].conv[0](x)
-                feats.append(expanded)
-                if i == MOBILENET_DEPTH - 1:
-                    break
-                out = f[i].conv[1:](expanded)  # the first block of a stage: strided, no shortcut
-                x = out + x if f[i].use_shortcut else out
+        for i in range(1, last):
+            if i in MOBILENET_TAP_BLOCKS:  # the first block of a stage: strided, no shortcut
+                feats.append(f[i].conv[0](x))
+                x = f[i].conv[1:](feats[-1])
             else:
                 x = f[i](x)
+        feats.append(f[last].conv[0](x))  # the last block: only its expansion is needed
         return feats
 
     def forward(self, x: Tensor) -> Tensor:
@@ -429,7 +426,7 @@ class AdaINStylizer(nn.Module):
         self.eps = float(eps)
         dec_sd, meta = _read_decoder(decoder_path) if decoder_path is not None else (None, None)
         self._info: dict = {"vgg_file": None, "vgg_sha256": None, "encoder_seed": None,
-                            "mobilenet_file": None, "mobilenet_sha256": None,
+                            "mobilenet_source": None, "mobilenet_file": None, "mobilenet_sha256": None,
                             "decoder_file": os.fspath(decoder_path) if decoder_path is not None else None}
         decoder_layout_ = None
         from_mobilenet = meta is not None and meta.get("encoder") == "mobilenetv2"
@@ -668,13 +665,13 @@ def save_decoder(stylizer: AdaINStylizer, path: Union[str, os.PathLike], extra: 
     sd = {k: v.detach().cpu().clone() for k, v in stylizer.decoder.state_dict().items()}
     info = stylizer.describe()
     if plain:
-        if stylizer.describe()["encoder"] != "vgg":
+        if info["encoder"] != "vgg":
             raise ConfigError("only a decoder trained against VGG weights can be saved plain: "
                               "its encoder is only recorded in the segadapt metadata")
         atomic_save(sd, Path(path))
         return
-    meta = {k: info.get(k) for k in ("encoder", "encoder_init", "encoder_seed", "vgg_file", "vgg_sha256",
-                                     "mobilenet_source", "mobilenet_file", "mobilenet_sha256", "eps")}
+    meta = {k: info[k] for k in ("encoder", "encoder_init", "encoder_seed", "vgg_file", "vgg_sha256",
+                                 "mobilenet_source", "mobilenet_file", "mobilenet_sha256", "eps")}
     meta.update(extra or {})
     atomic_save({"state_dict": sd, DECODER_META_KEY: meta}, Path(path))
 

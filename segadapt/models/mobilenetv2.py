@@ -51,7 +51,6 @@ class InvertedResidual(nn.Module):
                    nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
         self.conv = nn.Sequential(*layers)
         self.use_shortcut = stride == 1 and c_in == c_out
-        self.expands = expansion != 1
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv(x) if self.use_shortcut else self.conv(x)
@@ -118,7 +117,8 @@ def resolve_weights_path(path: Union[str, os.PathLike]) -> Path:
 
 
 def expected_shapes(depth: int = 19) -> Dict[str, Tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in MobileNetV2Features(depth).state_dict().items()}
+    with torch.device("meta"):  # shapes only: no memory, no weight init
+        return {k: tuple(v.shape) for k, v in MobileNetV2Features(depth).state_dict().items()}
 
 
 def load_mobilenet_v2(model: MobileNetV2Features, path: Union[str, os.PathLike],
@@ -128,15 +128,10 @@ def load_mobilenet_v2(model: MobileNetV2Features, path: Union[str, os.PathLike],
 
     A file of another model, or of another MobileNetV2 width, is a one-line CheckpointError.
     """
-    from segadapt.models.checkpoints import read_checkpoint
+    from segadapt.models.checkpoints import extract_state_dict, read_checkpoint
 
     path = resolve_weights_path(path)
-    obj = read_checkpoint(str(path))
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"MobileNetV2 weights {path}: expected a state dict of tensors")
-    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    sd, _ = extract_state_dict(read_checkpoint(path), str(path))  # wrappers and `module.` removed
     full = expected_shapes()
     wanted = model.state_dict()
     foreign = [k for k in sd if k not in full and not k.startswith(tuple(ignore_prefixes))]
