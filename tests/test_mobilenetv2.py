@@ -165,6 +165,15 @@ def test_mobilenet_stylizer_trains_saves_and_rebuilds_its_encoder(weights_file, 
     assert "not trained against the MobileNetV2" in one_line(CheckpointError, decoder_path=str(random_dec),
                                                              mobilenet_path=str(weights_file))
     assert "not both" in one_line(ConfigError, vgg_path="a.pth", mobilenet_path="b.pth")
+    # the recorded weights file moved away, or the record is missing: one line naming the way out
+    for source in (str(tmp_path / "moved.pth"), None):
+        obj = torch.load(dec, weights_only=True)
+        obj["segadapt_adain"]["mobilenet_source"] = source
+        torch.save(obj, tmp_path / "moved_decoder.pth")
+        msg = one_line(CheckpointError, decoder_path=str(tmp_path / "moved_decoder.pth"))
+        assert "not found here" in msg and "--mobilenet" in msg
+    assert AdaINStylizer(decoder_path=str(tmp_path / "moved_decoder.pth"),
+                         mobilenet_path=str(weights_file)).describe()["encoder"] == "mobilenetv2"
     with pytest.raises(ConfigError, match="only a decoder trained against VGG"):
         save_decoder(s, tmp_path / "plain.pth", plain=True)
 

@@ -439,6 +439,9 @@ class AdaINStylizer(nn.Module):
                 raise CheckpointError(f"AdaIN decoder {decoder_path} was not trained against the MobileNetV2 "
                                       f"encoder: drop mobilenet_path (--mobilenet) or retrain it")
             source = mobilenet_path if mobilenet_path is not None else meta.get("mobilenet_source")
+            if mobilenet_path is None and (not source or (source != "installed" and not os.path.isfile(source))):
+                raise CheckpointError(f"AdaIN decoder {decoder_path} records MobileNetV2 weights {source!r}, not "
+                                      f"found here: pass them as mobilenet_path (--mobilenet)")
             self.encoder = MobileNetAdaINEncoder(source)
             sha = _sha256(self.encoder.weights_file)
             if from_mobilenet and meta.get("mobilenet_sha256") not in (None, sha):
