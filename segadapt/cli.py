@@ -105,7 +105,7 @@ def cmd_test(args) -> int:
     import torch
 
     from .config import load_config
-    from .data.datasets import build_dataset
+    from .data.datasets import build_dataset, restyled_eval_note
     from .engine import distributed as dist_utils
     from .engine.evaluator import evaluate
     from .engine.trainer import build_eval_loader, ensure_data, eval_kwargs
@@ -139,6 +139,11 @@ def cmd_test(args) -> int:
     result.meta.update({"checkpoint": str(ckpt_path), "eval_root": cfg.eval.data.root,
                         "eval_split": cfg.eval.data.split, "eval_list": cfg.eval.data.list_file,
                         "eval_mode": cfg.eval.mode, "scales": list(cfg.eval.scales), "flip": cfg.eval.flip})
+    note = restyled_eval_note(cfg.eval.data.root)
+    if note:
+        result.meta["restyled_eval_split"] = note
+        if _is_main():
+            print(f"warning: evaluated on a restyled copy, not the standard benchmark: {note}", file=sys.stderr)
     if _is_main():
         out = Path(args.out) if args.out else ckpt_path.parent / "test"
         result.save(out, "results")

@@ -46,6 +46,22 @@ def test_train_then_test_roundtrip(tiny_synth, tmp_path, capsys):
     again = json.loads((tmp_path / "t2" / "results.json").read_text())
     saved = json.loads((out / "results.json").read_text())
     assert again["miou"] == pytest.approx(saved["miou"], abs=1e-9)
+    assert "restyled_eval_split" not in saved["meta"]
+    # a copy whose val split was restyled (stylize --include-eval) is marked in the results
+    copy = tmp_path / "target_copy"
+    shutil.copytree(tiny_synth / "target", copy)
+    (copy / "RESTYLED_EVAL_SPLIT.txt").write_text("This copy contains RESTYLED EVALUATION images.\nsecond line\n")
+    capsys.readouterr()
+    assert main(["test", str(out), "--no-progress", "--out", str(tmp_path / "t3"), f"eval.data.root={copy}"]) == 0
+    assert "not the standard benchmark: This copy contains RESTYLED" in capsys.readouterr().err
+    marked = json.loads((tmp_path / "t3" / "results.json").read_text())
+    assert marked["meta"]["restyled_eval_split"] == "This copy contains RESTYLED EVALUATION images."
+    assert "restyled_eval_split" in (tmp_path / "t3" / "results.md").read_text()
+    # and so is a training run that evaluates on it
+    assert main(["train", "--no-progress", *tiny_overrides(tiny_synth, tmp_path / "run2", **{
+        "train.iters": 2, "eval.data.root": copy})]) == 0
+    assert "not the standard benchmark" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run2" / "results.json").read_text())["meta"]["restyled_eval_split"]
 
 
 def test_missing_dataset_root_is_one_line(tmp_path):

@@ -17,7 +17,6 @@ import shutil
 import sys
 from pathlib import Path
 
-EVAL_MARKER = "RESTYLED_EVAL_SPLIT.txt"
 SETTINGS_FILE = "stylize.json"
 KINDS = ("gta5", "cityscapes", "synthia", "folder")
 
@@ -151,7 +150,9 @@ def _list_files(root: Path, list_file):
         p = Path(os.path.expanduser(list_file))
         p = p if p.is_absolute() else root / p
         return [p] if p.is_file() and root.resolve() in p.resolve().parents else []
-    return sorted(p for p in root.glob("*.txt") if p.is_file() and p.name != EVAL_MARKER)
+    from segadapt.data.datasets import RESTYLED_EVAL_MARKER
+
+    return sorted(p for p in root.glob("*.txt") if p.is_file() and p.name != RESTYLED_EVAL_MARKER)
 
 
 def cut_translate(G, x):
@@ -198,6 +199,7 @@ def run(args) -> int:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
+    from segadapt.data.datasets import RESTYLED_EVAL_MARKER
     from segadapt.errors import ConfigError
     from segadapt.models.adain import AdaINStylizer
     from segadapt.models.cut import generator_from_file
@@ -291,7 +293,7 @@ def run(args) -> int:
     }
     _record(out, run_info)
     if eval_split:
-        (out / EVAL_MARKER).write_text(
+        (out / RESTYLED_EVAL_MARKER).write_text(
             f"This copy contains RESTYLED EVALUATION images ({args.data_kind} split {args.split} of {root}).\n"
             "Results evaluated on it are not comparable to the standard benchmark; say so when reporting them.\n")
     note = " (RANDOM encoder)" if style_info["random_encoder"] else ""

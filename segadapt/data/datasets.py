@@ -37,6 +37,9 @@ VALID_KINDS = ("gta5", "cityscapes", "synthia", "folder")
 SIZE_MISMATCH_POLICIES = ("resize", "skip", "error")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
+# written by `segadapt stylize --include-eval` into a copy whose evaluation split is restyled
+RESTYLED_EVAL_MARKER = "RESTYLED_EVAL_SPLIT.txt"
+
 _CS_IMAGE_SUFFIX = "_leftImg8bit.png"
 _CS_LABEL_SUFFIX = "_gtFine_labelIds.png"
 _CS_TRAIN_LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
@@ -457,6 +460,19 @@ _KINDS = {
     "synthia": SynthiaDataset,
     "folder": FolderDataset,
 }
+
+
+def restyled_eval_note(root) -> Optional[str]:
+    """First line of the marker when ``root`` is a copy with a restyled evaluation split, else None.
+
+    Results on such a copy are not the standard benchmark, so the evaluators
+    record this line in the results and warn.
+    """
+    marker = Path(root) / RESTYLED_EVAL_MARKER if root else None
+    if marker is None or not marker.is_file():
+        return None
+    lines = marker.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    return lines[0] if lines else f"{root} has a restyled evaluation split"
 
 
 def build_dataset(cfg) -> SegDataset:

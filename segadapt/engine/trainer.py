@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
 from ..config import Config, dump_config
-from ..data.datasets import build_dataset
+from ..data.datasets import build_dataset, restyled_eval_note
 from ..data.sampling import DataStream
 from ..errors import CheckpointError, TrainingError
 from ..methods import build_method
@@ -115,6 +116,10 @@ class Trainer:
         ensure_data(cfg)
         self.source_ds = build_dataset(cfg.source)
         self.eval_ds = build_dataset(cfg.eval.data)
+        self.eval_note = restyled_eval_note(cfg.eval.data.root)
+        if self.eval_note and self.is_main:
+            print(f"warning: evaluating on a restyled copy, not the standard benchmark: {self.eval_note}",
+                  file=sys.stderr)
         self.model = build_segmenter(cfg.model)
         if tc.init_from:
             load_pretrained(self.model, tc.init_from)
@@ -219,6 +224,8 @@ class Trainer:
         result.meta.update({"iteration": iteration, "method": self.cfg.method["name"], "config": self.cfg.name,
                             "seed": self.cfg.train.seed, "eval_root": self.cfg.eval.data.root,
                             "eval_split": self.cfg.eval.data.split})
+        if self.eval_note:
+            result.meta["restyled_eval_split"] = self.eval_note
         self.history.append({"iteration": iteration, "mIoU": result.miou, **result.subset_mious})
         self.logger.log_eval(iteration, result, self.method.eval_model(), loader, self.device)
         return result
