@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from segadapt.config import load_config, parse_overrides, resolve_config_path
@@ -70,12 +72,27 @@ def test_parse_overrides():
         parse_overrides(["novalue"])
 
 
-@pytest.mark.parametrize("name", ["gta5_cityscapes/source_only", "gta5_cityscapes/oracle",
-                                  "synthia_cityscapes/source_only", "synthia_cityscapes/oracle",
-                                  "synthetic/source_only", "synthetic/oracle"])
+def _packaged_configs() -> list[str]:
+    from segadapt.config import PACKAGE_CONFIG_DIR
+
+    names = [p.relative_to(PACKAGE_CONFIG_DIR).with_suffix("").as_posix() for p in PACKAGE_CONFIG_DIR.rglob("*.yaml")]
+    return sorted(n for n in names if Path(n).name != "base" and not Path(n).name.startswith("_"))
+
+
+def test_packaged_config_list_is_complete():
+    names = _packaged_configs()
+    for n in ("gta5_cityscapes/cfcontra", "synthia_cityscapes/advent", "synthetic/source_only",
+              "synthetic/cfcontra_adain_restyled_target", "synthetic/confeti_stage2"):
+        assert n in names
+
+
+@pytest.mark.parametrize("name", _packaged_configs())
 def test_all_packaged_configs_valid(name):
+    from segadapt.methods import method_config
+
     cfg = load_config(name)
-    assert cfg.model.num_classes == 19
+    assert cfg.model.num_classes == 19 and cfg.name
+    method_config(cfg.method)  # the method section parses against the method's typed config
 
 
 def test_reference_defaults_gta5():
