@@ -167,12 +167,10 @@ def cmd_synth(args) -> int:
 
 
 def cmd_configs(args) -> int:
-    from .config import PACKAGE_CONFIG_DIR
+    from .config import packaged_config_names
 
-    for p in sorted(PACKAGE_CONFIG_DIR.rglob("*.yaml")):
-        rel = p.relative_to(PACKAGE_CONFIG_DIR).with_suffix("")
-        if rel.name != "base" and not rel.name.startswith("_"):
-            print(rel)
+    for name in packaged_config_names():
+        print(name)
     return 0
 
 

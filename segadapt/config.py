@@ -151,6 +151,16 @@ class _Origins(dict):
         return "defaults"
 
 
+def packaged_config_names(runnable_only: bool = True) -> list[str]:
+    """Names of the packaged configs (`synthetic/source_only`, ...), sorted; ``runnable_only``
+    drops the `base` files and `_`-prefixed fragments that only other configs include."""
+    names = sorted(q.relative_to(PACKAGE_CONFIG_DIR).with_suffix("").as_posix()
+                   for q in PACKAGE_CONFIG_DIR.rglob("*.yaml"))
+    if runnable_only:
+        names = [n for n in names if Path(n).name != "base" and not Path(n).name.startswith("_")]
+    return names
+
+
 def resolve_config_path(name_or_path: str) -> Path:
     """A file path, or a packaged config name such as `synthetic/source_only`."""
     p = Path(name_or_path)
@@ -159,7 +169,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     for cand in (PACKAGE_CONFIG_DIR / name_or_path, PACKAGE_CONFIG_DIR / f"{name_or_path}.yaml"):
         if cand.is_file():
             return cand
-    known = sorted(str(q.relative_to(PACKAGE_CONFIG_DIR).with_suffix("")) for q in PACKAGE_CONFIG_DIR.rglob("*.yaml"))
+    known = packaged_config_names(runnable_only=False)
     close = difflib.get_close_matches(name_or_path, known, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else f"; packaged configs: {', '.join(known)}"
     raise ConfigError(f"config not found: {name_or_path}{hint}")

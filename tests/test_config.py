@@ -1,8 +1,6 @@
-from pathlib import Path
-
 import pytest
 
-from segadapt.config import load_config, parse_overrides, resolve_config_path
+from segadapt.config import load_config, packaged_config_names, parse_overrides, resolve_config_path
 from segadapt.errors import ConfigError
 
 
@@ -72,21 +70,15 @@ def test_parse_overrides():
         parse_overrides(["novalue"])
 
 
-def _packaged_configs() -> list[str]:
-    from segadapt.config import PACKAGE_CONFIG_DIR
-
-    names = [p.relative_to(PACKAGE_CONFIG_DIR).with_suffix("").as_posix() for p in PACKAGE_CONFIG_DIR.rglob("*.yaml")]
-    return sorted(n for n in names if Path(n).name != "base" and not Path(n).name.startswith("_"))
-
-
 def test_packaged_config_list_is_complete():
-    names = _packaged_configs()
+    names = packaged_config_names()
     for n in ("gta5_cityscapes/cfcontra", "synthia_cityscapes/advent", "synthetic/source_only",
               "synthetic/cfcontra_adain_restyled_target", "synthetic/confeti_stage2"):
         assert n in names
+    assert "synthetic/base" not in names and "synthetic/base" in packaged_config_names(runnable_only=False)
 
 
-@pytest.mark.parametrize("name", _packaged_configs())
+@pytest.mark.parametrize("name", packaged_config_names())
 def test_all_packaged_configs_valid(name):
     from segadapt.methods import method_config
 

@@ -63,11 +63,13 @@ def main() -> None:
     for folder in args.folders:
         mean, std = folder_stats(folder)
         print(f"{folder}: mean RGB {np.round(mean, 3)}, std {np.round(std, 3)} (mean {std.mean():.2f})")
+    if not (args.generators or args.decoders):
+        return
+    src = build_dataset(DatasetConfig(kind="gta5", root=args.source, split="all"))
+    idx = range(0, 600, 12)  # the 50 source images both --generators and --decoders use
+    x = torch.stack([src[i]["image"] for i in idx])
     if args.generators:
-        src = build_dataset(DatasetConfig(kind="gta5", root=args.source, split="all"))
         tgt = build_dataset(DatasetConfig(kind="cityscapes", root=args.target, split="train"))
-        idx = range(0, 600, 12)
-        x = torch.stack([src[i]["image"] for i in idx])
         y = torch.stack([src[i]["label"] for i in idx])
         t_idx = range(0, 400, 8)
         tx = torch.stack([tgt[i]["image"] for i in t_idx])
@@ -77,14 +79,10 @@ def main() -> None:
             for run in args.generators:
                 translated = cut_translate(generator_from_file(run).eval(), x)
                 print(f"{run}: translated road RGB {np.round(road_colour(translated, y), 2)}")
-
-    if args.decoders:
-        src = build_dataset(DatasetConfig(kind="gta5", root=args.source, split="all"))
-        x = torch.stack([src[i]["image"] for i in range(0, 600, 12)])
-        for decoder in args.decoders:
-            psnr, shift, std = reconstruction(decoder, x)
-            print(f"{decoder}: reconstruction PSNR {psnr:.2f} dB, mean colour shift {shift:.4f}, "
-                  f"pixel std {std:.3f} (source {float(x.std()):.3f})")
+    for decoder in args.decoders:
+        psnr, shift, std = reconstruction(decoder, x)
+        print(f"{decoder}: reconstruction PSNR {psnr:.2f} dB, mean colour shift {shift:.4f}, "
+              f"pixel std {std:.3f} (source {float(x.std()):.3f})")
 
 
 if __name__ == "__main__":
