@@ -10,7 +10,7 @@ from segadapt.engine.trainer import train_from_config
 from segadapt.errors import ConfigError
 from segadapt.methods import build_method
 from segadapt.methods import minent as minent_module
-from segadapt.methods.cfcontra import CFContra
+from segadapt.methods.cfcontra import CFContra, scale_channels_by_norm
 from segadapt.methods.losses import (
     class_centroids,
     info_nce,
@@ -236,14 +236,53 @@ def test_bank_update_after_the_step(cross_update):
         new = F.normalize(0.9 * bank + 0.1 * c, dim=1)
         return torch.where(p[:, None], new, bank)
 
-    if cross_update:  # reference: both banks take both domains' centroids, source first
-        want_src = upd(upd(src_bank, c_s, p_s), c_t, p_t)
+    if cross_update:  # reference: the other domain's centroids first, the bank's own last
+        want_src = upd(upd(src_bank, c_t, p_t), c_s, p_s)
         want_tgt = upd(upd(tgt_bank, c_s, p_s), c_t, p_t)
     else:
         want_src, want_tgt = upd(src_bank, c_s, p_s), upd(tgt_bank, c_t, p_t)
         assert method.bank_source[1].tolist() == [0.0, 1.0]  # absent from the source batch: untouched
     assert torch.allclose(method.bank_source, want_src, atol=1e-6)
     assert torch.allclose(method.bank_target, want_tgt, atol=1e-6)
+
+
+def test_cross_update_order_hand_values():
+    """cross_update: M_src takes C_t then C_s, M_tgt C_s then C_t, both in one step (mu = 0.9)."""
+    method = build_method(block_cfg("method.contrast.cross_update=true"), BlockModel())
+    method.load_banks(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]),
+                      torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]))
+    c_s, p_s = torch.tensor([[-1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]), torch.tensor([True, False, False])
+    c_t, p_t = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]), torch.tensor([True, True, False])
+    method.update_banks(c_s, p_s, c_t, p_t)
+    r = math.sqrt(0.82)
+    # M_src row 0: (1, 0) -> C_t (0, 1): (0.9, 0.1) / r -> C_s (-1, 0): 0.9 (0.9, 0.1) / r + 0.1 (-1, 0)
+    src0 = torch.tensor([0.81 / r - 0.1, 0.09 / r])
+    # (C_s first would give (1, 0) -> (1, 0) -> (0.9, 0.1) / r: the order matters)
+    # M_src row 1: only C_t (1, 0) -> (0.1, 0.9) / r
+    want_src = torch.stack([src0 / src0.norm(), torch.tensor([0.1 / r, 0.9 / r]), torch.zeros(2)])
+    # M_tgt row 0: (0, 1) -> C_s (-1, 0): (-0.1, 0.9) / r -> C_t (0, 1): 0.9 (-0.1, 0.9) / r + 0.1 (0, 1)
+    tgt0 = torch.tensor([-0.09 / r, 0.81 / r + 0.1])
+    want_tgt = torch.stack([tgt0 / tgt0.norm(), torch.tensor([1.0, 0.0]), torch.zeros(2)])
+    assert torch.allclose(method.bank_source, want_src, atol=1e-6)
+    assert torch.allclose(method.bank_target, want_tgt, atol=1e-6)
+    assert not torch.allclose(want_src[0], torch.tensor([0.9 / r, 0.1 / r]), atol=1e-3)
+
+
+def test_scale_features_divides_channels_by_their_l2_norm():
+    # channel 0 holds 3 and 4 over the batch (norm 5, max 4), channel 1 holds 6 and 8 (norm 10, max 8)
+    feats = torch.tensor([[3.0, 6.0], [4.0, 8.0]]).view(2, 2, 1, 1)
+    scaled = scale_channels_by_norm(feats)
+    assert torch.allclose(scaled.flatten(1), torch.tensor([[0.6, 0.6], [0.8, 0.8]]), atol=1e-7)
+    assert torch.equal(scale_channels_by_norm(torch.zeros(1, 2, 1, 1)), torch.zeros(1, 2, 1, 1))
+    # through the pseudo-labels: (0.6, 0.6) is on prototype 0; (0.8, 0.8) is 0.2 sqrt(2) and
+    # 0.22 sqrt(2) from the two prototypes, closer than the margin 0.05 -> ignored. (Dividing by
+    # the max would give (0.75, 0.75) -> 0 and (1, 1) -> 1.)
+    method = build_method(block_cfg("method.contrast.scale_features=true"), BlockModel())
+    method.load_banks(torch.tensor([[0.6, 0.6], [1.02, 1.02], [0.0, 0.0]]), torch.zeros(3, 2))
+    assert method.target_pseudo_labels(feats, None, 0).flatten().tolist() == [0, 255]
+    unscaled = build_method(block_cfg(), BlockModel())
+    unscaled.load_banks(method.bank_source, torch.zeros(3, 2))
+    assert unscaled.target_pseudo_labels(feats, None, 0).flatten().tolist() == [1, 1]
 
 
 def test_after_step_moves_banks_toward_the_batch_centroids():

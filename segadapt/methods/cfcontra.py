@@ -18,8 +18,8 @@ One step (from ``contrast.start_iter`` on; plain MinEnt before):
 
 and after the optimizer step, without gradients, each bank moves toward the
 batch centroids of its domain: ``m_k <- normalize(mu m_k + (1 - mu) c_k)`` for
-the classes present (``cross_update: true``: both banks take both domains'
-centroids, the reference behaviour).
+the classes present (``cross_update: true``, the reference behaviour: each bank
+takes both domains' centroids in one step, the other domain's first, its own last).
 
 The banks are buffers (saved in checkpoints). They are initialised by a pass
 over data in the loss's own feature space when the contrast switches on: at
@@ -71,7 +71,8 @@ class ContrastConfig:
     pseudo_label: str = "prototype"  # prototype (nearest source prototype + margin) | prediction (argmax)
     margin: float = 0.05  # delta: ignore a pixel whose two nearest prototypes are closer than this
     margin_decay: bool = False  # poly-decay the margin with the lr schedule (reference option)
-    scale_features: bool = False  # divide channels by their batch max before the distances (reference option)
+    # reference option: divide each channel by its L2 norm over the batch and all pixels before the distances
+    scale_features: bool = False
     init_source_batches: int = 300  # bank init: source batches (only pixels where GT == prediction)
     init_target_batches: int = 1600  # bank init: target batches labelled by the source bank
     init_features: str = "head"  # head (the loss's space) | layer4 (reference defect: raw layer4 prototypes)
@@ -103,6 +104,14 @@ class CFContraConfig(MinEntConfig):
     def __post_init__(self):
         super().__post_init__()
         self.contrast = nested_config(self.contrast, ContrastConfig, "method.contrast")
+
+
+def scale_channels_by_norm(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, ...) features with each channel divided by its L2 norm over the batch and all
+    pixels (the reference's optional scaling before the prototype distances)."""
+    f = features.float()
+    dims = [0] + list(range(2, f.ndim))
+    return f / f.square().sum(dim=dims, keepdim=True).sqrt().clamp_min(1e-12)
 
 
 def _batch_to(batch: dict, device) -> dict:
@@ -160,8 +169,10 @@ class CFContra(MinEnt):
         c = self.mcfg.contrast
         if c.pseudo_label == "prediction":
             return upsample(logits.detach().float(), features.shape[-2:]).argmax(1)
+        if c.scale_features:
+            features = scale_channels_by_norm(features)
         return nearest_prototype_labels(features, self.bank_source, self.margin_at(it),
-                                        valid=valid_prototypes(self.bank_source), scale_channels=c.scale_features)
+                                        valid=valid_prototypes(self.bank_source))
 
     # ------------------------------------------------------------------ banks
     def before_train(self, trainer) -> None:
@@ -255,10 +266,13 @@ class CFContra(MinEnt):
     def update_banks(self, centroids_source, present_source, centroids_target, present_target) -> None:
         """The momentum update; absent classes keep their row."""
         mu = self.mcfg.contrast.momentum
-        if self.mcfg.contrast.cross_update:  # reference: each bank called with both domains
-            for bank in (self.bank_source, self.bank_target):
-                momentum_update_(bank, centroids_source, present_source, mu)
-                momentum_update_(bank, centroids_target, present_target, mu)
+        if self.mcfg.contrast.cross_update:
+            # reference: each bank takes both domains' centroids, the other domain's first and its
+            # own last (its memory updates run in the backward pass, in reverse call order)
+            momentum_update_(self.bank_source, centroids_target, present_target, mu)
+            momentum_update_(self.bank_source, centroids_source, present_source, mu)
+            momentum_update_(self.bank_target, centroids_source, present_source, mu)
+            momentum_update_(self.bank_target, centroids_target, present_target, mu)
         else:
             momentum_update_(self.bank_source, centroids_source, present_source, mu)
             momentum_update_(self.bank_target, centroids_target, present_target, mu)
@@ -324,4 +338,4 @@ class CFContra(MinEnt):
         return losses
 
 
-__all__ = ["ContrastConfig", "CFContraConfig", "CFContra"]
+__all__ = ["ContrastConfig", "CFContraConfig", "CFContra", "scale_channels_by_norm"]
