@@ -31,6 +31,9 @@ class DatasetConfig:
     list_file: Optional[str] = None  # names of the samples to use, relative to root
     resize: Optional[list[int]] = None  # [W, H]
     crop: Optional[list[int]] = None  # [W, H]
+    # mmseg RandomCrop: re-draw (up to 10 times) while one class covers >= this share of the
+    # crop's labelled pixels or it holds a single class; 1.0 = off
+    cat_max_ratio: float = 1.0
     flip: bool = False
     labels: bool = True  # unlabelled target training: false
     keep_label_size: bool = False  # evaluation: resize the image only
@@ -42,12 +45,17 @@ class ModelConfig:
     arch: str = "deeplabv2"
     backbone: str = "resnet101"
     base_width: int = 64  # 64 = standard widths; 16/32 for CPU work
-    stem: str = "caffe"  # caffe (7x7) | v1c (three 3x3)
-    # ADVENT/Caffe ResNets stride in the first 1x1 conv; torchvision/mmseg-style
-    # ImageNet weights stride in the 3x3 conv (same shapes, so set this to match them)
-    stride_in_1x1: bool = True
+    # caffe: ADVENT's Caffe ResNet (frozen BN affine, ceil-mode pool, stride in the 1x1);
+    # v1c: mmseg ResNetV1c as DAFormer/CONFETI use it (three-conv stem, stride in the 3x3,
+    # contracted first dilation, trained BN affine; loads resnet101_v1c / mmseg checkpoints)
+    resnet_style: str = "caffe"
+    stem: Optional[str] = None  # None = the style's; caffe style: caffe (7x7) | v1c (three 3x3)
+    # None = the style's (caffe: true, v1c: false). ADVENT/Caffe ResNets stride in the first
+    # 1x1 conv; torchvision-style ImageNet weights stride in the 3x3 conv (same shapes)
+    stride_in_1x1: Optional[bool] = None
     num_classes: int = 19
     aux: bool = True  # layer5 on layer3
+    aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])  # layer5/layer6 branches
     aux_weight: float = 0.1
     normalization: str = "advent_bgr"  # advent_bgr | imagenet_rgb
     # ADVENT keeps BN affine frozen but uses batch statistics ("train"); "eval"
@@ -101,6 +109,8 @@ class EvalConfig:
     batch_size: int = 1
     subsets: str = "auto"  # auto (16/13 for a SYNTHIA source) | none | synthia
     max_images: Optional[int] = None
+    # bilinear resizes at test time; true = ADVENT's evaluation (nn.Upsample(..., align_corners=True))
+    align_corners: bool = False
 
 
 @dataclass

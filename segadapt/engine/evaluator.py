@@ -24,7 +24,17 @@ from segadapt.engine.metrics import (
     default_class_names,
 )
 
-__all__ = ["evaluate", "subsets_for"]
+__all__ = ["evaluate", "inference_options", "subsets_for"]
+
+
+def inference_options(eval_cfg: Any) -> dict[str, Any]:
+    """The test-time protocol of an ``EvalConfig`` (``cfg.eval``) as keyword arguments of
+    :func:`segadapt.engine.inference.predict_logits` (the ``infer`` of :func:`evaluate`).
+    ``align_corners: true`` reproduces ADVENT's evaluation, which upsamples the prediction
+    with ``nn.Upsample(..., mode='bilinear', align_corners=True)``."""
+    return {"mode": eval_cfg.mode, "crop": eval_cfg.crop, "stride": eval_cfg.stride,
+            "scales": tuple(eval_cfg.scales), "flip": eval_cfg.flip,
+            "align_corners": bool(getattr(eval_cfg, "align_corners", False))}
 
 
 def subsets_for(source_kind: str | None) -> dict[str, list[int]]:
@@ -76,7 +86,8 @@ def evaluate(
     (already at the evaluation input size) and ``label`` (B, H, W) int64 train
     ids at the label's original size (255 = ignore). ``infer`` holds keyword
     arguments for :func:`segadapt.engine.inference.predict_logits` (``mode``,
-    ``crop``, ``stride``, ``scales``, ``flip``, ...). ``subsets`` maps names to
+    ``crop``, ``stride``, ``scales``, ``flip``, ``align_corners``, ...; from a
+    config: :func:`inference_options`). ``subsets`` maps names to
     class ids for extra mIoUs (see :func:`subsets_for`). ``max_batches`` stops
     early (debug runs). ``amp_dtype`` (e.g. ``torch.bfloat16``) enables
     autocast for the forward passes. ``meta`` is copied into the result, which
