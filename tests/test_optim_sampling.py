@@ -14,8 +14,18 @@ def test_poly_and_warmup_values():
     assert poly_warmup_factor(100, 100, 0.9) == 0.0
     # DAFormer: linear warm-up from 1e-6 over 1500 iterations, then poly 1.0
     assert poly_warmup_factor(0, 40000, 1.0, 1500, 1e-6) == pytest.approx(1e-6)
-    assert poly_warmup_factor(750, 40000, 1.0, 1500, 1e-6) == pytest.approx(1e-6 + (1 - 1e-6) * 0.5)
     assert poly_warmup_factor(1500, 40000, 1.0, 1500, 1e-6) == pytest.approx(1 - 1500 / 40000)
+
+
+def test_warmup_multiplies_the_poly_factor_as_mmcv():
+    # mmcv: lr_t = poly_t * (1 - (1 - t/W) * (1 - r)) for t < W. W=10, r=0.1, total=20, power 1:
+    # t=5: poly 0.75, warm-up 1 - 0.5*0.9 = 0.55 -> 0.4125
+    assert poly_warmup_factor(5, 20, 1.0, 10, 0.1) == pytest.approx(0.4125, abs=1e-12)
+    # t=9: poly 0.55, warm-up 1 - 0.1*0.9 = 0.91 -> 0.5005; t=10: poly alone, 0.5
+    assert poly_warmup_factor(9, 20, 1.0, 10, 0.1) == pytest.approx(0.5005, abs=1e-12)
+    assert poly_warmup_factor(10, 20, 1.0, 10, 0.1) == pytest.approx(0.5, abs=1e-12)
+    # power 2, t=4 of total 8, W=8, r=0.5: poly 0.25, warm-up 1 - 0.5*0.5 = 0.75 -> 0.1875
+    assert poly_warmup_factor(4, 8, 2.0, 8, 0.5) == pytest.approx(0.1875, abs=1e-12)
 
 
 def test_sgd_head_multiplier_and_schedule():

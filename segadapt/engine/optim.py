@@ -14,10 +14,13 @@ from ..config import OptimConfig
 
 
 def poly_warmup_factor(it: int, total: int, power: float, warmup_iters: int = 0, warmup_ratio: float = 1e-6) -> float:
-    """Linear warm-up from `warmup_ratio` to 1, then (1 - it/total)^power."""
+    """(1 - it/total)^power, times a linear warm-up from `warmup_ratio` to 1 while
+    it < warmup_iters: mmcv's LrUpdaterHook (DAFormer) scales the poly lr of the same
+    0-based iteration by 1 - (1 - it/warmup_iters) * (1 - warmup_ratio)."""
+    poly = max(0.0, 1.0 - it / total) ** power
     if warmup_iters > 0 and it < warmup_iters:
-        return warmup_ratio + (1.0 - warmup_ratio) * it / warmup_iters
-    return max(0.0, 1.0 - it / total) ** power
+        return poly * (1.0 - (1.0 - it / warmup_iters) * (1.0 - warmup_ratio))
+    return poly
 
 
 @dataclass
