@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segadapt.config import load_config
+from segadapt.errors import CheckpointError, ConfigError
 from segadapt.engine.trainer import train_from_config
 from segadapt.methods import build_method
 from segadapt.methods.advent import SOURCE_LABEL, TARGET_LABEL, AdvEnt
@@ -86,6 +87,64 @@ def test_discriminator_architecture():
     assert all(c.kernel_size == (4, 4) and c.stride == (2, 2) and c.padding == (1, 1) for c in convs)
     assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in d.modules())
     assert d(torch.zeros(2, 19, 64, 96)).shape == (2, 1, 2, 3)
+
+
+def advent_discriminator_file_shapes(num_classes, ndf=64):
+    """ADVENT's get_fc_discriminator: one nn.Sequential, convs at 0, 2, 4, 6, 8 (LeakyReLU between)."""
+    chans = [num_classes, ndf, 2 * ndf, 4 * ndf, 8 * ndf, 1]
+    shapes = {}
+    for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
+        shapes[f"{2 * i}.weight"], shapes[f"{2 * i}.bias"] = (cout, cin, 4, 4), (cout,)
+    return shapes
+
+
+def test_discriminator_file_shapes_as_written_by_hand():
+    assert advent_discriminator_file_shapes(19) == {
+        "0.weight": (64, 19, 4, 4), "0.bias": (64,), "2.weight": (128, 64, 4, 4), "2.bias": (128,),
+        "4.weight": (256, 128, 4, 4), "4.bias": (256,), "6.weight": (512, 256, 4, 4), "6.bias": (512,),
+        "8.weight": (1, 512, 4, 4), "8.bias": (1,)}
+
+
+def test_loads_advent_published_discriminators(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    files = {}
+    for level in ("main", "aux"):
+        files[level] = {k: torch.randn(shape, generator=g) * 0.05
+                        for k, shape in advent_discriminator_file_shapes(19).items()}
+        torch.save(files[level], tmp_path / f"model_120000_D_{level}.pth")
+    method = tiny_advent(**{"method.disc_width": 64,
+                            "method.discriminator_main": tmp_path / "model_120000_D_main.pth",
+                            "method.discriminator_aux": tmp_path / "model_120000_D_aux.pth"})
+    x = torch.rand(1, 19, 64, 64, generator=g)
+    for level, disc in (("main", method.disc_main), ("aux", method.disc_aux)):
+        # the same network as an nn.Sequential, as ADVENT builds it, with the file loaded strictly
+        layers = []
+        for i in range(5):
+            w = files[level][f"{2 * i}.weight"]
+            layers += [nn.Conv2d(w.shape[1], w.shape[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        reference = nn.Sequential(*layers[:-1])
+        reference.load_state_dict(files[level])
+        assert torch.equal(disc.conv1.weight, files[level]["0.weight"])
+        assert torch.allclose(disc(x), reference(x), atol=1e-6)
+
+    wrong = {k: v for k, v in files["main"].items() if not k.startswith("8.")}
+    wrong["0.weight"] = wrong["0.weight"][:, :16]
+    torch.save(wrong, tmp_path / "wrong.pth")
+    with pytest.raises(ConfigError) as err:
+        tiny_advent(**{"method.disc_width": 64, "method.discriminator_main": tmp_path / "wrong.pth"})
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("method.discriminator_main: ") and "2 missing keys" in msg
+    assert "0.weight: (64, 16, 4, 4) in the file, (64, 19, 4, 4) expected" in msg
+    with pytest.raises(ConfigError, match="disc_width 16"):  # the synthetic configs' quarter width
+        tiny_advent(**{"method.discriminator_main": tmp_path / "model_120000_D_main.pth"})
+    ours = {f"disc_main.{k}": v for k, v in method.disc_main.state_dict().items()}
+    torch.save(ours, tmp_path / "ours.pth")
+    with pytest.raises(ConfigError, match="10 missing keys"):
+        tiny_advent(**{"method.disc_width": 64, "method.discriminator_main": tmp_path / "ours.pth"})
+    with pytest.raises(CheckpointError, match="file not found"):
+        tiny_advent(**{"method.discriminator_main": tmp_path / "absent.pth"})
+    with pytest.raises(ConfigError, match="no aux output"):
+        tiny_advent(**{"model.aux": "false", "method.discriminator_aux": tmp_path / "model_120000_D_aux.pth"})
 
 
 def tiny_advent(**overrides):
@@ -200,4 +259,5 @@ def test_tiny_training_run(tiny_synth, tmp_path, name):
         assert math.isfinite(logged[key]), key
     ckpt = torch.load(tmp_path / name / "final.pth", weights_only=False)
     if name == "advent":
-        assert "disc_main.conv1.weight" in ckpt["method"] and "discriminator" in ckpt["optimizers"]
+        assert "disc_main.conv1.weight" in ckpt["method"] and "disc_aux.classifier.bias" in ckpt["method"]
+        assert ckpt["optimizers"]["discriminator"]["state"]  # Adam's moments, for an exact resume

@@ -19,6 +19,7 @@ poly-decayed with the segmenter's schedule.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..engine.optim import ScheduledOptimizer
 from ..errors import ConfigError
+from ..models.checkpoints import describe_mismatch, read_checkpoint
 from ..models.discriminator import FCDiscriminator
 from . import register_method
 from .base import MethodConfig, UDAMethod, segmentation_loss, upsample
@@ -46,6 +48,37 @@ def bce_to(logits: torch.Tensor, label: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), label))
 
 
+# ADVENT's discriminator is one nn.Sequential (conv, LeakyReLU, ...): its files name the convs
+# by their position in it
+ADVENT_DISCRIMINATOR_KEYS = {"0": "conv1", "2": "conv2", "4": "conv3", "6": "conv4", "8": "classifier"}
+
+
+def load_advent_discriminator(disc: FCDiscriminator, path: str, key: str) -> None:
+    """Load ADVENT's published discriminator state (``model_<iter>_D_main.pth`` /
+    ``_D_aux.pth``: keys ``0.weight``, ``0.bias``, ``2.weight``, ... ``8.bias``) into
+    ``disc``; any other content is one ConfigError line naming ``key``."""
+    state = read_checkpoint(path)
+    if isinstance(state, dict) and all(isinstance(k, str) for k in state):
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    else:
+        raise ConfigError(f"{key}: {path} is not an ADVENT discriminator state dict (found {type(state).__name__})")
+    ours = disc.state_dict()
+    expected = {f"{i}.{p}": ours[f"{name}.{p}"] for i, name in ADVENT_DISCRIMINATOR_KEYS.items()
+                for p in ("weight", "bias")}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: {tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__} in the "
+              f"file, {tuple(v.shape)} expected" for k, v in expected.items()
+              if k in state and not (torch.is_tensor(state[k]) and state[k].shape == v.shape)]
+    if missing or unexpected or shapes:
+        in_channels, width = ours["conv1.weight"].shape[1], ours["conv1.weight"].shape[0]
+        raise ConfigError(f"{key}: {path} is not an ADVENT discriminator for {in_channels} classes with "
+                          f"disc_width {width} (keys 0, 2, 4, 6, 8 .weight/.bias of one nn.Sequential): "
+                          f"{describe_mismatch(missing, unexpected, shapes)}")
+    disc.load_state_dict({f"{name}.{p}": state[f"{i}.{p}"] for i, name in ADVENT_DISCRIMINATOR_KEYS.items()
+                          for p in ("weight", "bias")})
+
+
 @dataclass
 class AdvEntConfig(MethodConfig):
     name: str = "advent"
@@ -54,6 +87,9 @@ class AdvEntConfig(MethodConfig):
     disc_width: int = 64  # channels of the first discriminator conv (64-128-256-512-1)
     disc_lr: float = 1e-4  # Adam, poly-decayed like the segmenter
     disc_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    # start the discriminators from ADVENT's published files (model_<iter>_D_main.pth / _D_aux.pth)
+    discriminator_main: Optional[str] = None
+    discriminator_aux: Optional[str] = None
     style: StyleConfig = field(default_factory=StyleConfig)
 
     def __post_init__(self):
@@ -76,6 +112,13 @@ class AdvEnt(UDAMethod):
         self.disc_main = FCDiscriminator(num_classes, mcfg.disc_width)
         self.disc_aux = FCDiscriminator(num_classes, mcfg.disc_width) if cfg.model.aux else None
         self.restyler = OnlineRestyler(mcfg.style, cfg) if mcfg.style.mode == "online" else None
+        if mcfg.discriminator_aux and self.disc_aux is None:
+            raise ConfigError("method.discriminator_aux is set but the model has no aux output (model.aux: false)")
+        # a resumed run then overwrites them with its checkpoint's discriminators
+        for key, path, disc in (("method.discriminator_main", mcfg.discriminator_main, self.disc_main),
+                                ("method.discriminator_aux", mcfg.discriminator_aux, self.disc_aux)):
+            if path:
+                load_advent_discriminator(disc, path, key)
 
     def discriminators(self) -> dict[str, nn.Module]:
         return {k: d for k, d in (("main", self.disc_main), ("aux", self.disc_aux)) if d is not None}
@@ -114,4 +157,5 @@ class AdvEnt(UDAMethod):
         return {**losses, **logs}
 
 
-__all__ = ["SOURCE_LABEL", "TARGET_LABEL", "AdvEntConfig", "AdvEnt", "constant_weights_call", "bce_to"]
+__all__ = ["SOURCE_LABEL", "TARGET_LABEL", "AdvEntConfig", "AdvEnt", "constant_weights_call", "bce_to",
+           "ADVENT_DISCRIMINATOR_KEYS", "load_advent_discriminator"]

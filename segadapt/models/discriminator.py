@@ -5,7 +5,8 @@ Five 4x4 convolutions with stride 2 and padding 1, channels
 normalisation. Input: a per-class map at full image resolution (AdvEnt feeds
 the self-information ``-p log p / log C``); output: one logit per 32x32 patch
 ("is this map from the target domain?"). Module names (``conv1`` ..
-``conv4``, ``classifier``) follow the published ADVENT checkpoints.
+``conv4``, ``classifier``) are AdaptSegNet's; ADVENT's files name the convs
+``0`` .. ``8`` (one nn.Sequential): ``methods.advent.load_advent_discriminator``.
 """
 from __future__ import annotations
 
