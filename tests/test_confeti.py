@@ -11,8 +11,12 @@ from segadapt.engine.trainer import Trainer, train_from_config
 from segadapt.errors import ConfigError
 from segadapt.methods.confeti import (
     Confeti,
+    ContrastiveHead,
     bilinear_at,
     cam_loss,
+    cam_weights,
+    contrast_terms,
+    prototype_candidates,
     prototype_contrast_loss,
     prototype_regulariser,
     sample_pixels,
@@ -20,7 +24,6 @@ from segadapt.methods.confeti import (
     update_prototypes_,
     weighted_class_means,
 )
-from segadapt.methods.base import upsample
 from segadapt.models.cut import from_cut_range, load_cut_weights, to_cut_range
 
 from .conftest import assert_resumed_run_equal, kill_and_resume, tiny_overrides
@@ -139,7 +142,7 @@ def test_bilinear_at_equals_upsampling_then_reading_the_pixels():
     torch.manual_seed(0)
     feats = torch.randn(3, 5, 4, 7)
     size = (13, 29)
-    full = upsample(feats, size).permute(0, 2, 3, 1).reshape(-1, 5)
+    full = F.interpolate(feats, size=size, mode="bilinear", align_corners=True).permute(0, 2, 3, 1).reshape(-1, 5)
     idx = torch.randint(0, 3 * 13 * 29, (19, 6))
     idx[0, 0], idx[0, 1] = 0, 3 * 13 * 29 - 1  # corners of the first and last image
     assert torch.allclose(bilinear_at(feats, idx, size), full[idx], atol=1e-5)
@@ -161,7 +164,77 @@ def test_prototype_update_first_copy_then_ema_and_renormalised():
     assert torch.allclose(protos.norm(dim=1), torch.ones(3))
 
 
+def test_contrastive_head_outputs_the_raw_projection():
+    head = ContrastiveHead(2, 2)
+    with torch.no_grad():
+        head.proj.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 3.0]]).view(2, 2, 1, 1))
+    assert torch.equal(head(torch.ones(1, 2, 1, 1)).flatten(), torch.tensor([2.0, 3.0]))  # not (0.55, 0.83)
+
+
+def test_cam_weights_are_the_relu_cam_upsampled_at_each_pixels_class():
+    cam = torch.tensor([[[[-1.0, 2.0]], [[3.0, -2.0]]]])  # (1, 2 classes, 1, 2)
+    labels = torch.tensor([[[1, 0, 1]]])  # width 2 -> 3, align_corners=True: positions 0, 0.5, 1
+    # ReLU then upsample: class 0 (0, 1, 2), class 1 (3, 1.5, 0); a sigmoid would give no zero,
+    # upsampling before the ReLU 0.5 at the middle of class 0
+    assert torch.equal(cam_weights(cam, labels), torch.tensor([3.0, 1.0, 0.0]))
+    assert torch.equal(cam_weights(cam, torch.tensor([[[255, 0, 255]]])), torch.tensor([0.0, 1.0, 0.0]))
+
+
+def test_prototype_candidates_from_raw_projection_and_relu_cam():
+    proj = torch.tensor([[3.0, 0.0, 1.0], [0.0, 1.0, 1.0]]).view(1, 2, 1, 3)  # pixels (3,0), (0,1), (1,1)
+    labels = torch.zeros(1, 1, 3, dtype=torch.long)
+    cam = torch.tensor([[2.0, 1.0, -1.0], [0.0, 0.0, 0.0]]).view(1, 2, 1, 3)
+    # CAM phase, top 2: weights 2 and 1 on the raw vectors (normalised ones would give (2, 1))
+    f, present = prototype_candidates(proj, cam, labels, torch.ones_like(labels), num_classes=2, topk=2)
+    assert present.tolist() == [True, False]
+    assert torch.allclose(f[0], F.normalize(torch.tensor([6.0, 1.0]), dim=0), atol=1e-6)
+    # source phase: equal weights on the source pixels only
+    f, present = prototype_candidates(proj, None, labels, torch.tensor([[[1, 0, 1]]]), num_classes=2, topk=32)
+    assert present.tolist() == [True, False]
+    assert torch.allclose(f[0], F.normalize(torch.tensor([4.0, 1.0]), dim=0), atol=1e-6)
+    # a class whose chosen pixels all have a zero ReLU'd CAM is not updated
+    cam0 = torch.tensor([[-1.0, -2.0, -3.0], [0.0, 0.0, 0.0]]).view(1, 2, 1, 3)
+    _, present = prototype_candidates(proj, cam0, labels, torch.ones_like(labels), num_classes=2, topk=2)
+    assert present.tolist() == [False, False]
+
+
+def test_contrast_normalises_and_regulariser_means_every_labelled_pixel():
+    proj = torch.tensor([[2.0, 0.0, 1.0], [0.0, 5.0, 1.0]]).view(1, 2, 1, 3)  # raw (2,0), (0,5), (1,1)
+    labels = torch.tensor([[[0, 1, 255]]])
+    protos = torch.eye(2)
+    for seed in range(3):  # one pixel sampled: either labelled pixel, normalised, gives logits (1, 0)
+        torch.manual_seed(seed)  # on its class (raw: 2 or 5)
+        terms = contrast_terms(proj, labels, protos, num_pixels=1, temperature=1.0, num_classes=2)
+        assert terms["contrast"].item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-5)
+        # mean of the two unit vectors (0.5, 0.5): equal logits, 2 log(1/2) / (2 ln 2) = -1; the
+        # sampled pixel alone would give (1 - 2 lse(1, 0)) / (2 ln 2) ~ -1.17
+        assert terms["reg"].item() == pytest.approx(-1.0, rel=1e-6)
+    assert "reg" not in contrast_terms(proj, labels, protos, 1, 1.0, 2, with_reg=False)
+
+
 # --------------------------------------------------------------------------- the method
+def test_consistency_compares_raw_projections(tiny_synth, tmp_path):
+    method = Trainer(_cfg(tiny_synth, tmp_path / "run"), progress=False).method
+    method.train()
+    d = method.prototypes.shape[1]
+    protos = torch.zeros_like(method.prototypes)
+    protos[0, 0] = protos[1, 1] = 1.0
+    method.prototypes.copy_(protos)
+    with torch.no_grad():
+        method.reg_proj.weight.copy_(2.0 * torch.eye(d).view(d, d, 1, 1))
+        method.reg_proj.bias.zero_()
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 64)
+    # x_s2t = x_s: b = 2 a, so the loss is mean((a . P^T)^2) with a the raw projection
+    with torch.no_grad():
+        a = F.conv2d(method._frozen_student_features(x), method.proj.proj.weight)
+        expected = (torch.einsum("bdhw,cd->bchw", a, protos) ** 2).mean()
+        unit = (torch.einsum("bdhw,cd->bchw", F.normalize(a, dim=1), protos) ** 2).mean()
+        got = method.consistency_loss(x, x)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert abs(expected.item() - unit.item()) > 0.1 * unit.item()  # the test tells raw from normalised
+
+
 @pytest.mark.parametrize("config", ["synthetic/confeti_stage1", "synthetic/confeti_single"])
 def test_consistency_reaches_only_generator_and_reg_proj(tiny_synth, tmp_path, config):
     method = Trainer(_cfg(tiny_synth, tmp_path / "run", config), progress=False).method
@@ -179,8 +252,10 @@ def test_consistency_reaches_only_generator_and_reg_proj(tiny_synth, tmp_path, c
     assert all(p.grad is not None for p in method.reg_proj.parameters())
     frozen = [method.model, method.proj, method.cam, method.teacher, method.cut.D, method.cut.F]
     assert all(p.grad is None for m in frozen for p in m.parameters())
-    for k, v in method.named_buffers():  # BatchNorm running statistics untouched
-        assert torch.equal(v, buffers[k]), k
+    for k, v in method.named_buffers():  # the student's BatchNorm running statistics untouched
+        # (ema mode runs the teacher, whose BatchNorm follows its own norm mode)
+        if not (config.endswith("single") and k.startswith("teacher.")):
+            assert torch.equal(v, buffers[k]), k
 
 
 def test_stage1_then_stage2_from_its_run_folder(tiny_synth, tmp_path):

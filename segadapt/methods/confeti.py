@@ -6,13 +6,13 @@ Stage 1, per iteration t (one backward; detaches route each loss to its networks
   1. x_s2t = G(x_s) keeps its graph to G; CUT's GAN + PatchNCE (+ identity) losses for
      G and F, the halved LSGAN loss for D on the detached fake;
   2. teacher pseudo-labels on x_t with the weight q; ClassMix of stopgrad(x_s2t) onto x_t;
-  3. prototype update without gradient from the EMA head's features of x_mix: the top-k
+  3. prototype update without gradient from the EMA head's raw projection of x_mix: the top-k
      pixels per class by weight, source pixels with uniform weights (random ties) up to
-     `cross_domain_start`, CAM weights over all pixels after;
+     `cross_domain_start`, the EMA CAM map after its ReLU as weights over all pixels after;
   4. student on stopgrad(x_s2t): CE + CAM loss (+ contrast after `contrast_start`),
      ImageNet feature distance against the frozen initial backbone on x_s;
-  5. prototypical semantic consistency: MSE between the prototype similarities of
-     reg_proj(proj(f(x_s2t))) and stopgrad(proj(f(x_s))), the segmenter and head frozen for
+  5. prototypical semantic consistency: MSE between the prototype similarities of the raw
+     projections reg_proj(proj(f(x_s2t))) and stopgrad(proj(f(x_s))), the segmenter and head frozen for
      this term (no gradient, running BatchNorm statistics untouched); reaches G and reg_proj;
   6. student on x_mix: pixel-weighted CE, CAM loss (after `cam_mix_start`), contrast;
   7. target contrast: student on x_t with the teacher's pseudo-labels, scaled by q.
@@ -36,7 +36,7 @@ from ..errors import ConfigError, TrainingError
 from ..models.cut import CUT_FILES, ResnetGenerator, from_cut_range, load_cut_weights, to_cut_range
 from . import register_method
 from .augment import present_classes
-from .base import segmentation_loss, upsample
+from .base import segmentation_loss
 from .cut import CUTSettings, build_cut_model, check_cut_settings, cut_optimizers, load_cut_folder
 from .feature_distance import feature_distance_mask, masked_feature_distance
 from .losses import resize_labels
@@ -55,6 +55,14 @@ def cam_loss(cam_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(pooled, target)
 
 
+def pixels_with_labels(features: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """features (B, D, h, w), labels (B, H, W) nearest-resized to (h, w) -> every pixel as rows:
+    (v (B*h*w, D), y (B*h*w,), valid (B*h*w,) bool: labelled, not ignore)."""
+    y = resize_labels(labels, features.shape[-2:]).reshape(-1)
+    v = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    return v, y, (y >= 0) & (y < num_classes)
+
+
 def sample_pixels(features: torch.Tensor, labels: torch.Tensor, num_pixels: int, num_classes: int):
     """Labelled pixels at feature resolution, `num_pixels` drawn uniformly across the batch.
 
@@ -62,10 +70,7 @@ def sample_pixels(features: torch.Tensor, labels: torch.Tensor, num_pixels: int,
     y (N,), keep (N,) bool): N = min(num_pixels, h*w*B) rows, `keep` False on rows that had to be
     filled with unlabelled pixels. Drawn with random scores and top-k: no host sync.
     """
-    d = features.shape[1]
-    y = resize_labels(labels, features.shape[-2:]).reshape(-1)
-    v = features.permute(0, 2, 3, 1).reshape(-1, d)
-    valid = (y >= 0) & (y < num_classes)
+    v, y, valid = pixels_with_labels(features, labels, num_classes)
     scores = torch.rand(y.shape, device=y.device).masked_fill(~valid, -1.0)
     idx = scores.topk(min(num_pixels, y.numel())).indices
     return v[idx], y[idx], valid[idx]
@@ -73,7 +78,7 @@ def sample_pixels(features: torch.Tensor, labels: torch.Tensor, num_pixels: int,
 
 def prototype_contrast_loss(v: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, prototypes: torch.Tensor,
                             temperature: float) -> torch.Tensor:
-    """Mean over kept pixels of CE((v . P^T) / tau, y); v and P rows L2-normalised."""
+    """Mean over kept pixels of CE((v . P^T) / tau, y); v and P rows L2-normalised by the caller."""
     logits = v.float() @ prototypes.float().t() / temperature
     ce = F.cross_entropy(logits, torch.where(keep, y, torch.zeros_like(y)), reduction="none")
     k = keep.float()
@@ -82,7 +87,8 @@ def prototype_contrast_loss(v: torch.Tensor, y: torch.Tensor, keep: torch.Tensor
 
 def prototype_regulariser(v: torch.Tensor, keep: torch.Tensor, prototypes: torch.Tensor,
                           temperature: float) -> torch.Tensor:
-    """sum_c log softmax(mean(v) . stopgrad(P)^T / tau)_c / (C ln C), mean(v) over kept pixels.
+    """sum_c log softmax(mean(v) . stopgrad(P)^T / tau)_c / (C ln C), mean(v) over kept pixels
+    (the caller passes every labelled pixel of the batch, not only the sampled ones).
 
     With the sign as specified it is -1 when the mean feature is equally similar to every
     prototype and lower the more it favours one; unit vectors bound it below."""
@@ -91,6 +97,20 @@ def prototype_regulariser(v: torch.Tensor, keep: torch.Tensor, prototypes: torch
     c = prototypes.shape[0]
     log_p = torch.log_softmax(mean @ prototypes.detach().float().t() / temperature, dim=0)
     return log_p.sum() / (c * math.log(c))
+
+
+def contrast_terms(proj: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, num_pixels: int,
+                   temperature: float, num_classes: int, with_reg: bool = True) -> dict:
+    """Unweighted pixel-to-prototype terms of one batch: proj (B, D, h, w) raw projection, L2-normalised
+    per pixel here. "contrast" on `num_pixels` labelled pixels drawn at random; "reg" on the mean of
+    every labelled pixel."""
+    v_all = F.normalize(proj.float(), dim=1)
+    v, y, keep = sample_pixels(v_all, labels, num_pixels, num_classes)
+    out = {"contrast": prototype_contrast_loss(v, y, keep, prototypes, temperature)}
+    if with_reg:
+        v_all, _, valid = pixels_with_labels(v_all, labels, num_classes)
+        out["reg"] = prototype_regulariser(v_all, valid, prototypes, temperature)
+    return out
 
 
 @torch.no_grad()
@@ -117,7 +137,7 @@ def weighted_class_means(v: torch.Tensor, w: torch.Tensor, chosen: torch.Tensor)
 
 
 def bilinear_at(features: torch.Tensor, flat_idx: torch.Tensor, size) -> torch.Tensor:
-    """The values that ``upsample(features, size)`` (bilinear, align_corners=True) has at the flat
+    """The values that bilinear upsampling of `features` to `size` (align_corners=True) has at the flat
     (B, H, W) pixel indices `flat_idx` (any shape), computed at those pixels only: (*idx.shape, D).
     Upsampling a wide feature map to label size just to read a few hundred pixels would cost
     B x D x H x W memory."""
@@ -135,6 +155,43 @@ def bilinear_at(features: torch.Tensor, flat_idx: torch.Tensor, size) -> torch.T
     return picked.reshape(*flat_idx.shape, d)
 
 
+def cam_weights(cam_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each pixel's weight for the prototype of its label: the CAM map after its ReLU (as the CAM
+    head outputs it), upsampled bilinearly (align_corners=True) to label size, read at the
+    pixel's class. cam_logits (B, C, h, w), labels (B, H, W) -> (B*H*W,); ignored pixels get 0."""
+    c = cam_logits.shape[1]
+    cam = F.interpolate(F.relu(cam_logits.float()), size=tuple(labels.shape[-2:]), mode="bilinear",
+                        align_corners=True)
+    y = labels.reshape(-1)
+    valid = (y >= 0) & (y < c)
+    w = cam.gather(1, torch.where(valid, y, torch.zeros_like(y)).view(labels.shape).unsqueeze(1)).reshape(-1)
+    return w * valid
+
+
+@torch.no_grad()
+def prototype_candidates(proj: torch.Tensor, cam_logits: Optional[torch.Tensor], labels: torch.Tensor,
+                         source_mask: torch.Tensor, num_classes: int, topk: int):
+    """Per class, normalize(sum w v / sum w) over its `topk` pixels of highest weight w, v the raw
+    (unnormalised) projection upsampled to label size.
+
+    cam_logits given (cross-domain phase): w = ReLU'd CAM over all labelled pixels (source GT and
+    target pseudo-labels); None: source pixels only (source_mask), w = 1, the `topk` drawn
+    uniformly at random among these ties. proj (B, D, h, w); labels / source_mask (B, H, W).
+    Returns (f (C, D), present (C,) bool)."""
+    y = labels.reshape(-1)
+    valid = (y >= 0) & (y < num_classes)
+    if cam_logits is not None:
+        w = cam_weights(cam_logits, labels)
+        rank = w
+    else:
+        valid = valid & source_mask.reshape(-1).bool()
+        w = torch.ones_like(y, dtype=torch.float)
+        rank = torch.rand(y.shape, device=y.device)
+    idx, chosen = top_pixels_per_class(y, rank, valid, num_classes, topk)
+    v = bilinear_at(proj.float(), idx, labels.shape[-2:])  # only the chosen pixels at label size
+    return weighted_class_means(v, w[idx], chosen)
+
+
 @torch.no_grad()
 def update_prototypes_(prototypes: torch.Tensor, seen: torch.Tensor, f: torch.Tensor, present: torch.Tensor,
                        momentum: float) -> None:
@@ -148,8 +205,9 @@ def update_prototypes_(prototypes: torch.Tensor, seen: torch.Tensor, f: torch.Te
 
 
 class ContrastiveHead(nn.Module):
-    """Per-pixel projection, L2-normalised: one 1x1 conv without bias (stage 1/2), or a
-    2-layer MLP (the single-stage variant) when `hidden` is given."""
+    """Per-pixel projection, raw (not normalised): one 1x1 conv without bias (stage 1/2), or a
+    2-layer MLP (the single-stage variant) when `hidden` is given. The prototype update and the
+    consistency term use this output as it is; the contrastive loss L2-normalises it."""
 
     def __init__(self, in_channels: int, dim: int, hidden: Optional[int] = None):
         super().__init__()
@@ -160,7 +218,7 @@ class ContrastiveHead(nn.Module):
             self.proj = nn.Conv2d(in_channels, dim, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(x).float(), dim=1)
+        return self.proj(x).float()
 
 
 # --------------------------------------------------------------------------- config
@@ -280,36 +338,25 @@ class Confeti(DAFormer):
     @torch.no_grad()
     def update_prototypes(self, images: torch.Tensor, labels: torch.Tensor, source_mask: torch.Tensor,
                           it: int) -> torch.Tensor:
-        """Step 5: EMA features and CAM of x_mix at label size -> top-k per class -> EMA of P.
-        Returns how many classes were updated (for logging)."""
-        m, c = self.mcfg, self.num_classes
+        """Step 5: the EMA head's raw projection and ReLU'd CAM of x_mix -> top-k per class -> EMA
+        of P. Returns how many classes were updated (for logging)."""
+        m = self.mcfg
         ema = self.teacher.ema
         feats = ema["model"](images, return_features=True)["features"]
-        size = labels.shape[-2:]
-        y = labels.reshape(-1)
-        valid = (y >= 0) & (y < c)
-        if it > m.cross_domain_start:  # category-wise cross-domain information
-            cam = torch.sigmoid(upsample(ema["cam"](feats).float(), size))
-            w = cam.gather(1, torch.where(valid, y, torch.zeros_like(y)).view(labels.shape).unsqueeze(1)).reshape(-1)
-            rank = w
-        else:  # source pixels only, equal weights: ties broken uniformly at random
-            valid = valid & source_mask.reshape(-1).bool()
-            w = torch.ones_like(y, dtype=torch.float)
-            rank = torch.rand(y.shape, device=y.device)
-        idx, chosen = top_pixels_per_class(y, rank, valid, c, m.proto_topk)
-        v = bilinear_at(ema["proj"](feats), idx, size)  # the EMA head's features at label size, chosen pixels
-        f, present = weighted_class_means(v, w[idx], chosen)
+        # category-wise cross-domain information after cross_domain_start
+        cam = ema["cam"](feats) if it > m.cross_domain_start else None
+        f, present = prototype_candidates(ema["proj"](feats), cam, labels, source_mask, self.num_classes,
+                                          m.proto_topk)
         update_prototypes_(self.prototypes, self.prototype_seen, f, present, m.proto_momentum)
         return present.sum()
 
     def contrast_losses(self, features: torch.Tensor, labels: torch.Tensor, name: str, scale=1.0) -> dict:
         m = self.mcfg
-        v, y, keep = sample_pixels(self.proj(features), labels, m.contrast_pixels, self.num_classes)
-        out = {f"loss_contrast_{name}": scale * m.contrast_weight * prototype_contrast_loss(
-            v, y, keep, self.prototypes, m.contrast_temperature)}
-        if m.reg_weight > 0:
-            out[f"loss_reg_{name}"] = scale * m.reg_weight * prototype_regulariser(
-                v, keep, self.prototypes, m.contrast_temperature)
+        out = {}
+        for key, value in contrast_terms(self.proj(features), labels, self.prototypes, m.contrast_pixels,
+                                         m.contrast_temperature, self.num_classes, m.reg_weight > 0).items():
+            weight = m.contrast_weight if key == "contrast" else m.reg_weight
+            out[f"loss_{key}_{name}"] = scale * weight * value
         return out
 
     # ------------------------------------------------------------------ consistency
@@ -322,7 +369,8 @@ class Confeti(DAFormer):
 
     def consistency_loss(self, x_s: torch.Tensor, x_s2t: torch.Tensor) -> torch.Tensor:
         """MSE between the prototype similarities of reg_proj(proj(f(x_s2t))) and
-        stopgrad(proj(f(x_s))); the segmenter side is frozen (student or EMA)."""
+        stopgrad(proj(f(x_s))), raw projections (ema mode with a temperature: both L2-normalised
+        and divided by it); the segmenter side is frozen (student or EMA)."""
         m = self.mcfg
         protos = self.prototypes.float()
         if m.consistency == "ema":
