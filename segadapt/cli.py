@@ -1,11 +1,14 @@
 """`segadapt` command line: train, test, synth.
 
-Errors caused by input (data, config, checkpoints) are printed as one line
-and exit with status 2; `--debug` shows the full traceback instead.
+Errors caused by input (data, config, checkpoints) or by the file system (a
+full or read-only disk, a file or folder in the way: "cannot write <path>:
+<cause>") are printed as one line and exit with status 2; `--debug` shows the
+full traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -27,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", default=None,
                    help=f"config file or packaged name (default: {DEFAULT_CONFIG}); see `segadapt configs`")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint or run folder (default: this config's out_dir/last.pth)")
+                   help="continue from a checkpoint or run folder (default: this config's out_dir/last.pth); "
+                        "only cadence, workers, paths and train.iters may be overridden")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the run folder (default: refuse)")
     p.add_argument("--out", default=None, help="run folder (overrides out_dir)")
     p.add_argument("--seed", type=int, default=None, help="overrides train.seed")
     p.add_argument("--pretrained", default=None, help="backbone/segmenter weights to start from (model.pretrained)")
@@ -85,16 +91,20 @@ def cmd_train(args) -> int:
         overrides.append("train.tensorboard=true")
     resume = None
     if args.resume is not None:
-        cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
-        resume = str(Path(cfg.out_dir) / "last.pth") if args.resume == "auto" else args.resume
-        from .engine.checkpoint import load_checkpoint
+        from .engine.run_folder import resume_config
+        from .errors import ConfigError
 
-        # the run continues with the configuration it started with (plus overrides)
-        ckpt_cfg = load_checkpoint(resume)["config"]
-        cfg = load_config(None, overrides, base=ckpt_cfg)
+        if args.overwrite:
+            raise ConfigError("--resume continues a run and --overwrite replaces it: give one of them")
+        if args.resume != "auto" and "=" in args.resume and not Path(args.resume).exists():
+            # `--resume optim.lr=0.1`: argparse took the override for the optional path
+            overrides.insert(0, args.resume)
+            args.resume = "auto"
+        # the run continues with the configuration it started with (plus the overrides it allows)
+        cfg, resume = resume_config(args.resume, overrides, args.config, DEFAULT_CONFIG)
     else:
         cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
-    result = train_from_config(cfg, resume=resume, progress=not args.no_progress)
+    result = train_from_config(cfg, resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
     if result is not None and _is_main():
         print(result.table())
         print(f"results written to {cfg.out_dir}/results.{{md,csv,json}}")
@@ -110,7 +120,7 @@ def cmd_test(args) -> int:
     from .engine.evaluator import evaluate
     from .engine.trainer import build_eval_loader, ensure_data, eval_kwargs
     from .errors import CheckpointError
-    from .models.checkpoints import load_pretrained
+    from .models.checkpoints import load_pretrained, read_checkpoint
     from .models.deeplabv2 import build_segmenter
 
     ckpt_path = Path(args.checkpoint)
@@ -120,10 +130,7 @@ def cmd_test(args) -> int:
         raise CheckpointError(f"checkpoint not found: {ckpt_path}")
     stored = None
     if args.config is None:
-        try:
-            obj = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}") from None
+        obj = read_checkpoint(ckpt_path)
         stored = obj.get("config") if isinstance(obj, dict) else None
         if stored is None:
             raise CheckpointError(f"{ckpt_path} holds no segadapt config: pass --config for its model and data")
@@ -191,6 +198,19 @@ def _one_line(exc: BaseException) -> str:
     return last
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
+                 errno.EDQUOT, errno.EFBIG}
+
+
+def _os_error_line(e: OSError) -> str:
+    """`cannot write <path>: <cause>` (or `<path>: <cause>`) for an OSError that reached the top."""
+    cause = e.strerror or _one_line(e)
+    if e.filename is None:
+        return f"{cause}" if e.errno not in _WRITE_ERRNOS else f"cannot write: {cause}"
+    path = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+    return f"cannot write {path}: {cause}" if e.errno in _WRITE_ERRNOS else f"{path}: {cause}"
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     # overrides may stand anywhere among the options (argparse stops filling a
@@ -222,6 +242,13 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except OSError as e:
+        # what the atomic writer does not wrap: a full or read-only disk, a file or
+        # folder in the way, met anywhere (mkdir, a results file, a worker)
+        if args.debug:
+            raise
+        print(f"segadapt {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
+        return 2
     finally:
         from .engine.distributed import cleanup
 

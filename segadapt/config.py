@@ -78,6 +78,26 @@ class OptimConfig:
     warmup_iters: int = 0
     warmup_ratio: float = 1e-6  # warm-up starts at lr * warmup_ratio
     grad_clip: Optional[float] = None
+    # unique: each tensor once. advent_repeated: ADVENT's backbone list, where its
+    # module walk repeats every tensor but conv1 (3x in a block, 4x a downsample conv) and SGD
+    # steps it once per repeat, momentum included: the published ADVENT/CFContra numbers
+    # were trained so (several times the nominal backbone lr). SGD only.
+    param_list: str = "unique"  # unique | advent_repeated
+    # advent_repeated: add the weight decay into .grad in place as torch <= 1.0 SGD did
+    # (ADVENT ran torch 0.4.1), so a later repeat decays by the earlier repeats' weights too;
+    # false: into a copy, as CFContra's torch 1.7.0 did
+    decay_into_grad: bool = False
+
+    def __post_init__(self):
+        _choice(self.param_list, list(PARAM_LISTS), "optim.param_list")
+        if self.param_list == "advent_repeated" and (self.name != "sgd" or self.no_decay_norm):
+            raise ConfigError("optim.param_list=advent_repeated reproduces ADVENT's SGD: it needs "
+                              "optim.name=sgd and optim.no_decay_norm=false")
+        if self.decay_into_grad and self.param_list != "advent_repeated":
+            raise ConfigError("optim.decay_into_grad only applies with optim.param_list=advent_repeated")
+
+
+PARAM_LISTS = ("unique", "advent_repeated")
 
 
 @dataclass
@@ -187,8 +207,11 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                          f"offset {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f":{mark.line + 1}" if mark is not None else ""
@@ -278,26 +301,39 @@ def _lookup(tree: dict, dotted: str):
     return node
 
 
-def _interpolate(tree: dict, root: dict, origins: _Origins, prefix: str = "") -> None:
+def _interpolate(tree: dict, root: dict, origins: _Origins, prefix: str = "", _chain: Optional[list] = None) -> None:
+    """Replace every `${a.b}` in string values by the (itself resolved) value at `a.b`.
+
+    A reference to itself, directly or through others, is an error naming the cycle.
+    """
+    chain = [] if _chain is None else _chain  # keys being resolved, outermost first
+
+    def resolve(key: str, value: str) -> str:
+        if key in chain:
+            cycle = " -> ".join(f"${{{k}}}" for k in chain[chain.index(key):] + [key])
+            raise ConfigError(f"{key}: reference cycle {cycle} (in {origins.where(key)})")
+        chain.append(key)
+
+        def sub(m):
+            ref = m.group(1)
+            try:
+                target = _lookup(root, ref)
+            except KeyError:
+                raise ConfigError(f"{key}: unknown reference ${{{ref}}} (in {origins.where(key)})") from None
+            if isinstance(target, str) and "${" in target:
+                target = resolve(ref, target)
+            return str(target)
+
+        out = _REF.sub(sub, value)
+        chain.pop()
+        return out
+
     for k, v in tree.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            _interpolate(v, root, origins, key + ".")
+            _interpolate(v, root, origins, key + ".", chain)
         elif isinstance(v, str) and "${" in v:
-            for _ in range(10):  # nested references
-                def sub(m):
-                    try:
-                        return str(_lookup(root, m.group(1)))
-                    except KeyError:
-                        raise ConfigError(
-                            f"{key}: unknown reference ${{{m.group(1)}}} (in {origins.where(key)})"
-                        ) from None
-
-                new = _REF.sub(sub, v)
-                if new == v:
-                    break
-                v = new
-            tree[k] = v
+            tree[k] = resolve(key, v)
 
 
 def _type_name(tp) -> str:
@@ -433,10 +469,40 @@ def validate(cfg: Config) -> None:
     for k in ("iters", "batch_source", "batch_target", "log_every", "ckpt_every"):
         if getattr(cfg.train, k) <= 0:
             raise ConfigError(f"train.{k} must be positive")
+    _counts(cfg)
     if cfg.optim.lr <= 0:
         raise ConfigError("optim.lr must be positive")
     if not isinstance(cfg.method, dict) or "name" not in cfg.method:
         raise ConfigError("method.name is required")
+
+
+def _counts(cfg: Config) -> None:
+    """Counts and sizes: `> 0` where zero means nothing to do, `>= 0` where zero is a setting."""
+    at_least = [  # (key, value, minimum); None values are unset options
+        ("train.num_workers", cfg.train.num_workers, 0), ("train.eval_every", cfg.train.eval_every, 0),
+        ("optim.warmup_iters", cfg.optim.warmup_iters, 0), ("optim.poly_iters", cfg.optim.poly_iters, 1),
+        ("optim.weight_decay", cfg.optim.weight_decay, 0), ("optim.momentum", cfg.optim.momentum, 0),
+        ("optim.warmup_ratio", cfg.optim.warmup_ratio, 0), ("optim.head_lr_mult", cfg.optim.head_lr_mult, 0),
+        ("model.base_width", cfg.model.base_width, 1), ("model.num_classes", cfg.model.num_classes, 1),
+        ("model.aux_weight", cfg.model.aux_weight, 0),
+        ("eval.batch_size", cfg.eval.batch_size, 1), ("eval.max_images", cfg.eval.max_images, 1),
+        ("synthetic.num_source", cfg.synthetic.num_source, 1),
+        ("synthetic.num_source_val", cfg.synthetic.num_source_val, 0),
+        ("synthetic.num_target_train", cfg.synthetic.num_target_train, 1),
+        ("synthetic.num_target_val", cfg.synthetic.num_target_val, 1),
+        ("synthetic.workers", cfg.synthetic.workers, 0), ("synthetic.gap", cfg.synthetic.gap, 0),
+    ]
+    for key, value, minimum in at_least:
+        if value is not None and value < minimum:
+            need = "positive" if minimum == 1 else ">= 0"
+            raise ConfigError(f"{key} must be {need}, got {value}")
+    if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
+        raise ConfigError(f"optim.grad_clip must be positive (or null for none), got {cfg.optim.grad_clip}")
+    if not cfg.eval.scales or min(cfg.eval.scales) <= 0:
+        raise ConfigError(f"eval.scales must be positive factors, got {cfg.eval.scales}")
+    for key, v in (("eval.crop", cfg.eval.crop), ("eval.stride", cfg.eval.stride), ("synthetic.size", cfg.synthetic.size)):
+        if v is not None and (len(v) != 2 or min(v) <= 0):
+            raise ConfigError(f"{key}: expected [W, H] with positive sizes, got {v}")
 
 
 def dump_config(cfg: Config) -> str:

@@ -19,3 +19,13 @@ class CheckpointError(SegadaptError):
 
 class TrainingError(SegadaptError):
     pass
+
+
+class OutputError(SegadaptError):
+    """A file could not be written (read-only or full disk, a folder in the way, ...)."""
+
+
+def write_error(path, error: OSError) -> OutputError:
+    """`cannot write <path>: <cause>` for an OSError met while writing `path`."""
+    cause = error.strerror or str(error) or type(error).__name__
+    return OutputError(f"cannot write {path}: {cause}")

@@ -12,19 +12,26 @@ therefore reads 16-bit colour PNGs in one of three ways, fastest first:
 3. :func:`decode_png`, a small self-contained PNG decoder (zlib + numpy).
 
 Every failure to read a file raises DatasetError("cannot read image <path>: <reason>").
+Every write goes through :func:`atomic_write` (temporary file in the same
+folder, fsync, rename): a failed write raises OutputError("cannot write <path>:
+<cause>") and leaves an earlier file at that path as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import struct
+import tempfile
 import zlib
 from pathlib import Path
-from typing import NamedTuple, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 from PIL import Image
 
-from segadapt.errors import DatasetError
+from segadapt.errors import DatasetError, write_error
 
 try:  # optional fast path, never required
     import cv2 as _cv2  # type: ignore
@@ -350,13 +357,61 @@ def _first_channel_8bit(path: PathLike) -> np.ndarray:
     return arr[:, :, 0] if arr.ndim == 3 else arr
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()  # mkstemp creates 0600 files; written outputs get the usual permissions
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "wb", encoding: Optional[str] = None) -> Iterator:
+    """Write ``path`` all or nothing: yields a temporary file in the same folder (parents are
+    created); when the block ends it is flushed, fsynced and renamed over ``path``.
+
+    Any OSError (read-only or full disk, a file where a folder should be, a folder where
+    the file should be, ...) becomes ``OutputError("cannot write <path>: <cause>")``; the
+    temporary file is removed and an earlier file at ``path`` is left unchanged.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file stands where the folder should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise write_error(path, e) from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """``path.write_text(text)`` through :func:`atomic_write` (UTF-8)."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def write_png(path: PathLike, array) -> None:
-    """Write a uint8 (H, W) or (H, W, 3) array as PNG, creating parent folders."""
+    """Write a uint8 (H, W) or (H, W, 3) array as PNG (atomically), creating parent folders."""
     arr = np.asarray(array)
     if arr.dtype != np.uint8:
         raise ValueError(f"write_png expects uint8, got {arr.dtype}")
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
         raise ValueError(f"write_png expects (H, W) or (H, W, 3), got shape {arr.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(arr)).save(path, format="PNG")
+    with atomic_write(path) as f:
+        Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")

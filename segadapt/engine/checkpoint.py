@@ -1,14 +1,14 @@
 """Atomic checkpoints: write to a temporary file in the same folder, fsync, rename."""
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
+from ..data.io import atomic_write
 from ..errors import CheckpointError
 
 FORMAT = "segadapt"
@@ -16,19 +16,9 @@ VERSION = 1
 
 
 def atomic_save(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save through the shared atomic writer (OutputError naming `path` on failure)."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def rng_state() -> dict:
@@ -57,11 +47,24 @@ def load_checkpoint(path) -> dict:
         path = path / "last.pth"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    from ..models.checkpoints import read_checkpoint
+
+    ckpt = read_checkpoint(path)  # one line for an empty, truncated or foreign file
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "iteration" not in ckpt:
         raise CheckpointError(f"{path} is not a segadapt training checkpoint (cannot resume from it; "
                               "use train.init_from or model.pretrained for weights only)")
     return ckpt
+
+
+def first_non_finite(named_tensors) -> Optional[str]:
+    """Name of the first floating tensor holding NaN/inf among `(name, tensor)` pairs, else None.
+    One reduction per tensor, one host transfer per device (meant for checkpoint time, not per step)."""
+    named = [(n, t) for n, t in named_tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    by_device: dict = {}
+    for i, (_, t) in enumerate(named):
+        by_device.setdefault(t.device, []).append(i)
+    bad = []
+    for idx in by_device.values():
+        flags = torch.stack([torch.isfinite(named[i][1]).all() for i in idx]).cpu().tolist()
+        bad += [i for i, ok in zip(idx, flags) if not ok]
+    return named[min(bad)][0] if bad else None

@@ -9,6 +9,12 @@ Supported formats (detected from the file's keys):
 * ``classification`` -- a plain ImageNet classification ResNet state dict
   (``fc.*`` present); ``fc.*`` is skipped, the trunk loaded;
 * ``segadapt``    -- ``{'model': state_dict, 'format': 'segadapt', ...}``;
+* ``mmseg``       -- an mmseg ``EncoderDecoder`` (DAFormer / CONFETI DeepLabV2:
+  ResNetV1c + ``DLV2Head``): ``backbone.*`` -> trunk keys,
+  ``decode_head.aspp_modules.i.conv.*`` -> ``layer6.conv2d_list.i.*``. A UDA
+  checkpoint (``model.`` / ``ema_model.`` / ``imnet_model.`` / extra heads) gives
+  its ``model.`` segmenter, the one DAFormer's test script evaluates. Only
+  ``resnet_style='v1c'`` models take this format;
 * any of the above inside ``{'state_dict': ...}``, with ``module.`` (DDP) or
   ``_orig_mod.`` (torch.compile) prefixes.
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HEAD_PREFIXES: Tuple[str, ...] = ("layer5.", "layer6.")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
+_MMSEG_HEAD = re.compile(r"^decode_head\.aspp_modules\.(\d+)\.conv\.(weight|bias)$")
 _N_EXAMPLES = 3
 
 
@@ -91,30 +99,71 @@ def read_checkpoint(path: str | os.PathLike) -> object:
         raise CheckpointError(f"checkpoint {path}: file not found")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path}: is a directory, expected a .pth file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path}: empty file (0 bytes), not a PyTorch checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # The safe loader refuses pickles that reference Python objects other
-        # than tensors/containers. Older checkpoints (e.g. saving numpy scalars
-        # or an argparse.Namespace next to the weights) need the full
-        # unpickler. Only fall back for that specific refusal, not for files
-        # that are simply broken, and say so: the full unpickler can run code
-        # from the file, so it must come from a trusted source.
-        if "Unsupported global" not in str(e):
-            raise CheckpointError(f"checkpoint {path}: not a readable PyTorch file ({_one_line(e)[:200]})") from None
-        warnings.warn(
-            f"checkpoint {path} holds non-tensor Python objects; loading it with weights_only=False "
-            "(only do this for files from a trusted source)",
-            stacklevel=2,
-        )
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e2:  # noqa: BLE001 - report any unpickling failure as one line
-            raise CheckpointError(f"checkpoint {path}: not a readable PyTorch file ({_one_line(e2)[:200]})") from None
+        refused = _refused_global(e)
+        if refused is None:
+            raise CheckpointError(f"checkpoint {path}: not a readable PyTorch file ({_load_reason(e)})") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for a non-torch file
+        raise CheckpointError(f"checkpoint {path}: not a readable PyTorch file ({_load_reason(e)})") from None
+    # Older checkpoints keep plain Python objects next to the weights (an
+    # argparse.Namespace, numpy scalars). The safe loader reads those once they
+    # are allowlisted; the full unpickler could run code from the file, so it
+    # is never used (nor suggested).
+    try:
+        with torch.serialization.safe_globals(_LEGACY_SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        other = _refused_global(e) or refused
         raise CheckpointError(
-            f"checkpoint {path}: not a readable PyTorch file ({type(e).__name__}: {_one_line(e)[:200]})"
-        ) from None
+            f"checkpoint {path}: holds a Python object ({other}) that the safe loader refuses; "
+            "re-save only its tensors, e.g. torch.save(model.state_dict(), path)") from None
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path}: not a readable PyTorch file ({_load_reason(e)})") from None
+    warnings.warn(
+        f"checkpoint {path} holds non-tensor Python objects ({refused}); read by the safe loader with an "
+        "allowlist of plain types (never with weights_only=False)",
+        stacklevel=2,
+    )
+    return obj
+
+
+def _legacy_safe_globals() -> list:
+    import argparse
+
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core
+    names = [argparse.Namespace, np.dtype, np.ndarray, multiarray.multiarray.scalar, multiarray.multiarray._reconstruct]
+    names += [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", object)) if n.endswith("DType")]
+    return names
+
+
+_LEGACY_SAFE_GLOBALS = _legacy_safe_globals()
+
+
+def _refused_global(error: Exception) -> Optional[str]:
+    """`module.Name` of the global that torch's safe unpickler refused, else None."""
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    return m.group(1) if m else None
+
+
+def _load_reason(error: Exception) -> str:
+    """A short cause from torch.load's error, without its advice to disable the safe loader."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    reason = lines[0].split(". ")[0] if lines else ""
+    reason = re.sub(r"\x1b\[[0-9;]*m", "", reason)[:160]
+    if isinstance(error, EOFError):
+        return "the file ends early: truncated"
+    if not isinstance(error, (pickle.UnpicklingError, RuntimeError)) or not reason:
+        reason = f"{type(error).__name__}{': ' + reason if reason else ''}"
+    return reason + "; corrupt, or not a checkpoint"
 
 
 def _strip_prefix(sd: Dict[str, Tensor], prefix: str) -> Dict[str, Tensor]:
@@ -127,7 +176,7 @@ def extract_state_dict(obj: object, path: str = "<object>") -> Tuple[Dict[str, T
     """Unwrap a loaded checkpoint to ``(state_dict, format)``.
 
     ``format`` is one of ``'advent'``, ``'imagenet_init'``, ``'classification'``,
-    ``'segadapt'``.
+    ``'segadapt'``, ``'mmseg'``.
     """
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path}: expected a dict of tensors, found {type(obj).__name__}")
@@ -144,6 +193,12 @@ def extract_state_dict(obj: object, path: str = "<object>") -> Tuple[Dict[str, T
     sd: Dict[str, Tensor] = dict(obj)
     for prefix in _STRIP_PREFIXES:
         sd = _strip_prefix(sd, prefix)
+    if fmt is None and any(k.startswith("model.backbone.") for k in sd):
+        # mmseg UDA wrapper (DAFormer/CONFETI): keep the student segmenter
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    if fmt is None and any(k.startswith("backbone.") for k in sd):
+        fmt = "mmseg"
+        sd = _from_mmseg(sd)
     if fmt is None:
         if any(k.startswith("Scale.") for k in sd):
             fmt = "imagenet_init"
@@ -155,6 +210,19 @@ def extract_state_dict(obj: object, path: str = "<object>") -> Tuple[Dict[str, T
         else:
             fmt = "advent"
     return sd, fmt
+
+
+def _from_mmseg(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """mmseg EncoderDecoder keys -> ours; keys with no counterpart stay as they are (reported unexpected)."""
+    out: Dict[str, Tensor] = {}
+    for k, v in sd.items():
+        head = _MMSEG_HEAD.match(k)
+        if k.startswith("backbone."):
+            k = k[len("backbone."):]
+        elif head:
+            k = f"layer6.conv2d_list.{head.group(1)}.{head.group(2)}"
+        out[k] = v
+    return out
 
 
 def _is_head(key: str, head_prefixes: Sequence[str]) -> bool:
@@ -170,6 +238,13 @@ def load_state_dict_checked(
 ) -> LoadReport:
     """Load an already-unwrapped state dict with the rules of ``load_pretrained``."""
     head_prefixes: Sequence[str] = getattr(model, "HEAD_PREFIXES", DEFAULT_HEAD_PREFIXES)
+    style = getattr(model, "resnet_style", None)
+    if fmt == "mmseg" and style is not None and style != "v1c":
+        # same keys as the caffe-style trunk with the v1c stem, another network
+        raise CheckpointError(
+            f"checkpoint {path} (mmseg) holds an mmseg ResNetV1c segmenter; the model is "
+            f"resnet_style={style!r}: set model.resnet_style=v1c"
+        )
     init_file = fmt in ("imagenet_init", "classification")
     target = model.state_dict()
     report = LoadReport(path=path, format=fmt)
