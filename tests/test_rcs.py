@@ -53,10 +53,11 @@ def test_plan_images_per_class():
         [4000, 3500, 100],
     ])
     plan = RareClassPlan(counts, temperature=0.01, min_pixels=3000)
-    assert plan.images_per_class == [[0, 2], [1, 2], []]
+    # strictly more than 3000 (the reference's `pixels > rcs_min_pixels`): image 1's 3000 is not enough
+    assert plan.images_per_class == [[0, 2], [2], []]
     assert plan.probs[2] == 0 and plan.probs[:2].sum() == pytest.approx(1.0)
     kw = plan.sampler_kwargs(min_crop_pixels=1500, crop_attempts=10)
-    assert kw["classes"] == [0, 1] and kw["images"] == [[0, 2], [1, 2]]
+    assert kw["classes"] == [0, 1] and kw["images"] == [[0, 2], [2]]
     with pytest.raises(ConfigError, match="rcs_min_pixels=6000.*largest count is 5000"):
         RareClassPlan(counts, min_pixels=6000)
 
@@ -132,22 +133,58 @@ def test_crop_redraws_until_the_class_is_in(tmp_path):
     train_lab = ds.load_label_train_ids(0)
     hits_one = hits_ten = 0
     for seed in range(30):
-        # attempts = 1 is the plain random crop, draw for draw
-        plain, one = ds[(0, seed)], ds[(0, seed, 13, 20, 1)]
+        # attempts = 0 (no re-draw) is the plain random crop, draw for draw
+        plain, one = ds[(0, seed)], ds[(0, seed, 13, 20, 0)]
         assert torch.equal(plain["image"], one["image"]) and torch.equal(plain["label"], one["label"])
         out = ds[(0, seed, 13, 20, 10)]
-        # expected: the first of the successive (top, left) draws holding >= 20 car pixels, else the 10th
+        # expected (DAFormer): a crop, then up to 10 re-draws while it holds <= 20 car pixels (11 at most)
         rng = np.random.default_rng(seed)
-        for _ in range(10):
+        for _ in range(11):
             top, left = int(rng.integers(0, 32 - 16 + 1)), int(rng.integers(0, 64 - 16 + 1))
-            if (train_lab[top:top + 16, left:left + 16] == 13).sum() >= 20:
+            if (train_lab[top:top + 16, left:left + 16] == 13).sum() > 20:
                 break
         got_left, got_top = (round(v * 255) for v in out["image"][:2, 0, 0].tolist())
         assert (got_top, got_left) == (top, left), seed
         assert torch.equal(out["label"], torch.from_numpy(train_lab[top:top + 16, left:left + 16].astype(np.int64)))
-        hits_one += int((one["label"] == 13).sum() >= 20)
-        hits_ten += int((out["label"] == 13).sum() >= 20)
+        hits_one += int((one["label"] == 13).sum() > 20)
+        hits_ten += int((out["label"] == 13).sum() > 20)
     assert hits_ten >= 20 and hits_ten > 2 * hits_one  # expected 85% vs 17% of the seeds
+
+
+def test_cat_max_ratio_crop_is_mmseg_random_crop(tmp_path):
+    """cat_max_ratio 0.75: up to 10 checked windows, re-drawn while one class covers >= 75% of the
+    labelled pixels or the window holds one class; the 11th window is kept unchecked."""
+    lab = np.full((32, 64), ROAD_ID, np.uint8)
+    lab[:12, 48:] = CAR_ID
+    lab[20:, :8] = 0  # unlabelled (ignore) pixels do not count
+    root = _gta(tmp_path / "gta", [lab])
+    ds = build_dataset(DatasetConfig(kind="gta5", root=str(root), split="all", crop=[16, 16], cat_max_ratio=0.75))
+    plain = build_dataset(DatasetConfig(kind="gta5", root=str(root), split="all", crop=[16, 16]))
+    train_lab = ds.load_label_train_ids(0)
+    redrawn = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        for k in range(11):
+            top, left = int(rng.integers(0, 17)), int(rng.integers(0, 49))
+            window = train_lab[top:top + 16, left:left + 16]
+            valid = window[window != 255]
+            counts = np.bincount(valid, minlength=19)
+            if k < 10 and (counts > 0).sum() > 1 and counts.max() / counts.sum() < 0.75:
+                break
+        redrawn += k > 0
+        out = ds[(0, seed)]
+        got_left, got_top = (round(v * 255) for v in out["image"][:2, 0, 0].tolist())
+        assert (got_top, got_left) == (top, left), seed
+        assert torch.equal(out["label"], torch.from_numpy(window.astype(np.int64)))
+    assert redrawn > 20  # most first windows are all road here
+    with pytest.raises(ConfigError, match="cat_max_ratio"):
+        build_dataset(DatasetConfig(kind="gta5", root=str(root), split="all", crop=[16, 16], cat_max_ratio=0.0))
+    # unset (1.0): the first window, unchecked
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        top, left = int(rng.integers(0, 17)), int(rng.integers(0, 49))
+        got_left, got_top = (round(v * 255) for v in plain[(0, seed)]["image"][:2, 0, 0].tolist())
+        assert (got_top, got_left) == (top, left)
 
 
 def test_class_counts_cache(tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ from segadapt.methods.self_training import (
     pseudo_weight_map,
     weighted_cross_entropy,
 )
+from segadapt.methods.base import segmentation_loss
 from segadapt.methods.teacher import MeanTeacher, ema_alpha
 
 from .conftest import assert_resumed_run_equal, kill_and_resume, tiny_overrides
@@ -65,9 +66,10 @@ class _Tiny(nn.Module):
 
 
 def test_mean_teacher_copy_and_hand_computed_updates():
+    """norm_mode='running': eval-mode teacher, running statistics averaged like the weights."""
     torch.manual_seed(0)
     student = _Tiny()
-    teacher = MeanTeacher(student, alpha=0.9)
+    teacher = MeanTeacher(student, alpha=0.9, norm_mode="running")
     # t = 0: an exact, separate, frozen copy in eval mode
     for (n, p), q in zip(student.named_parameters(), teacher.ema.parameters()):
         assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), n
@@ -98,6 +100,43 @@ def test_mean_teacher_copy_and_hand_computed_updates():
     x = torch.randn(4, 2)
     assert torch.equal(teacher(x), teacher(x))  # deterministic: no dropout
     assert not teacher(x).requires_grad
+
+
+def test_mean_teacher_batch_norm_mode_is_the_reference():
+    """Default (DACS/DAFormer code): only parameters are averaged; the teacher's BatchNorm
+    normalises with the batch's statistics and keeps its own running statistics; no dropout."""
+    torch.manual_seed(0)
+    student = _Tiny()
+    teacher = MeanTeacher(student, alpha=0.9)
+    assert teacher.norm_mode == "batch"
+    owner = nn.Module()
+    owner.student, owner.teacher = student, teacher
+    owner.train()
+    assert teacher.ema.training and teacher.ema.bn.training and not teacher.ema.drop.training
+    with torch.no_grad():
+        teacher.ema.fc.weight.copy_(torch.eye(2))
+        teacher.ema.fc.bias.zero_()
+        teacher.ema.bn.weight.fill_(1.0)
+        teacher.ema.bn.bias.zero_()
+        teacher.ema.bn.running_mean.zero_()
+        teacher.ema.bn.running_var.fill_(1.0)
+        student.bn.running_mean.fill_(5.0)
+    x = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    y = teacher(x)
+    # batch statistics: column means (2, 4), biased variances (1, 4) -> (x - mean) / sqrt(var + eps)
+    expected = torch.tensor([[-1.0, -1.0], [1.0, 1.0]]) / torch.sqrt(torch.tensor(1.0 + 1e-5)) * torch.tensor([1.0, 1.0])
+    expected[:, 1] = torch.tensor([-2.0, 2.0]) / math.sqrt(4.0 + 1e-5)
+    assert torch.allclose(y, expected, atol=1e-6)
+    assert torch.equal(teacher(x), y)  # no dropout
+    # its own running statistics moved with momentum 0.1 (twice), unbiased variances (2, 8)
+    assert torch.allclose(teacher.ema.bn.running_mean, torch.tensor([2.0, 4.0]) * (1 - 0.9 ** 2))
+    assert torch.allclose(teacher.ema.bn.running_var, 0.81 + torch.tensor([2.0, 8.0]) * (1 - 0.81))
+    before = teacher.ema.bn.running_mean.clone()
+    teacher.update(1)  # parameters averaged (alpha 0.5), buffers untouched by the student's 5.0
+    assert torch.equal(teacher.ema.bn.running_mean, before)
+    assert torch.allclose(teacher.ema.fc.weight, 0.5 * torch.eye(2) + 0.5 * student.fc.weight)
+    owner.eval()  # evaluating the teacher: running statistics
+    assert not teacher.ema.bn.training
 
 
 # --------------------------------------------------------------------------- ClassMix
@@ -250,6 +289,62 @@ def test_blur_kernel_and_gaussian():
     assert y.shape == x.shape and not torch.equal(y, x)
 
 
+def test_jitter_and_blur_apply_decision_once_per_batch():
+    """The reference draws u ~ U(0, 1) once per batch: jitter all images if u > 0.2 (p = 0.8),
+    blur all if u > 0.5; per image only with aug_apply_per='image'."""
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # blur kernel 3
+    g = torch.Generator().manual_seed(0)
+    first = torch.rand(1, generator=g).item()  # the decision draw comes first
+    for fn in (lambda t, gen: color_jitter(t, 0.2, 0.8, generator=gen),
+               lambda t, gen: random_gaussian_blur(t, 0.8, (0.15, 1.15), generator=gen)):
+        changed = []
+        for seed in range(40):
+            gen = torch.Generator().manual_seed(seed)
+            y = fn(x, gen)
+            per_image = [not torch.equal(y[i], x[i]) for i in range(6)]
+            assert len(set(per_image)) == 1  # all images or none
+            changed.append(per_image[0])
+        assert 24 <= sum(changed) <= 39  # ~80% of the batches
+    gen = torch.Generator().manual_seed(0)
+    y = color_jitter(x, 0.2, 0.8, generator=gen)
+    assert (first < 0.8) == (not torch.equal(y, x))
+    # per image: mixed decisions within one batch for some seed
+    mixed = False
+    for seed in range(20):
+        y = color_jitter(x, 0.2, 0.5, generator=torch.Generator().manual_seed(seed), per="image")
+        mixed |= len({torch.equal(y[i], x[i]) for i in range(6)}) == 2
+    assert mixed
+    with pytest.raises(ValueError, match="apply-per"):
+        color_jitter(x, 0.2, 0.5, per="pixel")
+
+
+def test_source_ce_mean_over_all_pixels_and_align_corners():
+    """mmseg 0.x: mean over all pixels with ignored ones counting 0; ADVENT: mean over valid pixels."""
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 0] = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    labels = torch.tensor([[[0, 1], [255, 255]]])
+    ce0 = math.log(1 + math.exp(-2.0))  # pixel (0, 0), class 0 with logits (2, 0)
+    ce1 = math.log(2.0)  # pixel (0, 1), logits (0, 0)
+    out = {"main": logits}
+    valid = segmentation_loss(out, labels, 0.0, mean="valid")["loss_seg_main"]
+    every = segmentation_loss(out, labels, 0.0, mean="all")["loss_seg_main"]
+    assert valid.item() == pytest.approx((ce0 + ce1) / 2)
+    assert every.item() == pytest.approx((ce0 + ce1) / 4)
+    # upsampling 2 -> 4 columns: class-0 logit 0 and 4 at the two input columns, class 1 logit 0
+    small = torch.zeros(1, 2, 1, 2)
+    small[0, 0, 0, 1] = 4.0
+    lab = torch.zeros(1, 1, 4, dtype=torch.long)
+
+    def ce(z):
+        return math.log(1 + math.exp(-z))
+    t = segmentation_loss({"main": small}, lab, 0.0, align_corners=True)["loss_seg_main"].item()
+    f = segmentation_loss({"main": small}, lab, 0.0, align_corners=False)["loss_seg_main"].item()
+    # True: columns at 0, 1/3, 2/3, 1 of the input -> 0, 4/3, 8/3, 4
+    assert t == pytest.approx(sum(ce(z) for z in (0.0, 4 / 3, 8 / 3, 4.0)) / 4)
+    # False: centres at -0.25, 0.25, 0.75, 1.25 (clamped) -> 0, 1, 3, 4
+    assert f == pytest.approx(sum(ce(z) for z in (0.0, 1.0, 3.0, 4.0)) / 4)
+
+
 # --------------------------------------------------------------------------- through the trainer
 def _cfg(tiny_synth, out, name, **extra):
     if "daformer" in name:
@@ -271,7 +366,7 @@ def test_tiny_run(tiny_synth, tmp_path, name):
         frozen = {k: v.clone() for k, v in method.imagenet.state_dict().items()}
         assert not any(id(p) in trained for p in method.imagenet.parameters())
     trainer.train()
-    assert not method.teacher.ema.training
+    assert method.teacher.ema.training == method.training  # batch-statistics teacher follows the method
     student, teacher = dict(method.model.named_parameters()), dict(method.teacher.ema.named_parameters())
     assert not torch.equal(student["layer6.conv2d_list.0.weight"], teacher["layer6.conv2d_list.0.weight"])
     if frozen is not None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch.utils.data
 
 from segadapt.data import io as _io
-from segadapt.data.labels import cityscapes_lut, map_labels, synthia_lut, train_id_lut
+from segadapt.data.labels import IGNORE_INDEX, cityscapes_lut, map_labels, synthia_lut, train_id_lut
 from segadapt.data.transforms import (
     label_to_tensor,
     pad_to,
@@ -97,6 +97,9 @@ class SegDataset(torch.utils.data.Dataset):
         self.resize = _size_option(cfg, "resize")
         self.crop = _size_option(cfg, "crop")
         self.flip = bool(getattr(cfg, "flip", False))
+        self.cat_max_ratio = float(getattr(cfg, "cat_max_ratio", 1.0))
+        if not 0.0 < self.cat_max_ratio <= 1.0:
+            raise ConfigError(f"dataset option cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
         self.with_labels = bool(getattr(cfg, "labels", True))
         self.keep_label_size = bool(getattr(cfg, "keep_label_size", False))
         self.size_mismatch = getattr(cfg, "size_mismatch", "resize")
@@ -267,16 +270,31 @@ class SegDataset(torch.utils.data.Dataset):
             warnings.warn(f"{self.display}: {problem}; label nearest-resized to the image size", stacklevel=3)
         return resize_label(label, (iw, ih))
 
-    def _class_crop(self, image, label, rng, class_id: int, min_pixels: int, attempts: int):
-        """Rare class sampling: re-draw the random crop (up to ``attempts`` times) until it holds
-        at least ``min_pixels`` pixels of ``class_id``; the last draw is kept otherwise."""
-        if label is None:
+    def _crop(self, image, label, rng):
+        """Random crop; with ``cat_max_ratio`` < 1 (mmseg's RandomCrop) the window is re-drawn,
+        up to 10 times, until it holds more than one labelled class and none covers
+        ``cat_max_ratio`` or more of its labelled pixels (the 11th window is kept unchecked)."""
+        if label is None or self.cat_max_ratio >= 1.0:
             return random_crop(image, label, self.crop, rng)
         image, label = pad_to(image, label, self.crop)  # once, not per attempt
-        for _ in range(max(1, attempts)):
+        for _ in range(10):
             img_c, lbl_c = random_crop(image, label, self.crop, rng)
-            if int(np.count_nonzero(lbl_c == class_id)) >= min_pixels:
+            counts = np.bincount(lbl_c[lbl_c != IGNORE_INDEX].ravel().astype(np.int64))
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                return img_c, lbl_c
+        return random_crop(image, label, self.crop, rng)
+
+    def _class_crop(self, image, label, rng, class_id: int, min_pixels: int, attempts: int):
+        """Rare class sampling (DAFormer): a crop, then up to ``attempts`` re-draws while it holds
+        ``min_pixels`` or fewer pixels of ``class_id`` (at most attempts + 1 crops; the last is kept)."""
+        img_c, lbl_c = self._crop(image, label, rng)
+        if label is None:
+            return img_c, lbl_c
+        for _ in range(attempts):
+            if int(np.count_nonzero(lbl_c == class_id)) > min_pixels:
                 break
+            img_c, lbl_c = self._crop(image, label, rng)
         return img_c, lbl_c
 
     def __getitem__(self, key) -> dict:
@@ -314,7 +332,7 @@ class SegDataset(torch.utils.data.Dataset):
             if self.crop is not None and crop_class is not None:
                 image, label = self._class_crop(image, label, rng, crop_class, crop_min_pixels, crop_attempts)
             elif self.crop is not None:
-                image, label = random_crop(image, label, self.crop, rng)
+                image, label = self._crop(image, label, rng)
             if self.flip:
                 image, label = random_hflip(image, label, rng)
         item = {"image": to_tensor(image), "index": i, "name": self.names[i]}

@@ -3,7 +3,7 @@ rare classes, then a source image holding enough pixels of it.
 
     f_c  = pixels of class c / all labelled pixels          (over the source set)
     P(c) = softmax((1 - f_c) / T)   over the classes with at least one eligible image
-    eligible images of c: at least `min_pixels` pixels of c (at the label's own resolution)
+    eligible images of c: more than `min_pixels` pixels of c (at the label's own resolution)
 
 The per-image class pixel counts are computed once and cached beside the
 dataset (`<root>/segadapt_class_stats.json`, or any file given), keyed by the
@@ -179,10 +179,10 @@ class RareClassPlan:
     def __init__(self, counts: np.ndarray, temperature: float = 0.01, min_pixels: int = 3000):
         counts = np.asarray(counts, dtype=np.int64)
         self.min_pixels = min_pixels
-        self.images_per_class = [np.flatnonzero(counts[:, c] >= min_pixels).tolist() for c in range(counts.shape[1])]
+        self.images_per_class = [np.flatnonzero(counts[:, c] > min_pixels).tolist() for c in range(counts.shape[1])]
         eligible = np.array([len(v) > 0 for v in self.images_per_class])
         if not eligible.any():
-            raise ConfigError(f"method.rcs_min_pixels={min_pixels}: no source image has that many pixels of any "
+            raise ConfigError(f"method.rcs_min_pixels={min_pixels}: no source image has more pixels than that of any "
                               f"class (the largest count is {int(counts.max(initial=0))}); lower it")
         self.class_pixels = counts.sum(0)
         self.probs = rcs_class_probs(self.class_pixels, temperature, eligible)

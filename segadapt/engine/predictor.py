@@ -33,6 +33,7 @@ from ..data.transforms import resize_image, to_tensor
 from ..errors import CheckpointError, ConfigError, DatasetError
 from .distributed import resolve_device  # noqa: F401 - part of this module's API
 from .inference import predict_logits
+from .evaluator import inference_options
 
 __all__ = [
     "resolve_checkpoint",
@@ -100,8 +101,7 @@ def load_segmenter(checkpoint: str | os.PathLike, config: Optional[str] = None,
 
 def infer_kwargs_from(cfg) -> dict:
     """The evaluation protocol of a config as `predict_logits` keyword arguments."""
-    return {"mode": cfg.eval.mode, "crop": cfg.eval.crop, "stride": cfg.eval.stride,
-            "scales": tuple(cfg.eval.scales), "flip": cfg.eval.flip}
+    return inference_options(cfg.eval)
 
 
 # --------------------------------------------------------------------------- inputs

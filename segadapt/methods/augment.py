@@ -107,9 +107,22 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return hsv_to_rgb(torch.cat([h, hsv[:, 1:]], dim=1))
 
 
-def color_jitter(x: torch.Tensor, strength: float, p: float, generator=None) -> torch.Tensor:
+APPLY_PER = ("batch", "image")
+
+
+def _apply_draw(b: int, p: float, per: str, device, generator=None) -> torch.Tensor:
+    """(B,) bool: apply or not, drawn once for the whole batch (DACS/DAFormer code) or per image."""
+    if per == "batch":
+        return (torch.rand(1, device=device, generator=generator) < p).expand(b)
+    if per == "image":
+        return torch.rand(b, device=device, generator=generator) < p
+    raise ValueError(f"apply-per must be one of {APPLY_PER}, got {per!r}")
+
+
+def color_jitter(x: torch.Tensor, strength: float, p: float, generator=None, per: str = "batch") -> torch.Tensor:
     """Brightness, contrast, saturation (factors U[1-s, 1+s]) then hue (shift U[-s, s] turns),
-    applied to each image with probability p (fixed order)."""
+    with probability p (fixed order). Factors are drawn per image; whether to jitter at all is
+    drawn once per batch (`per='batch'`, as the reference's u ~ U(0, 1) > 1 - p) or per image."""
     if p <= 0 or strength <= 0:
         return x
     b = x.shape[0]
@@ -117,7 +130,7 @@ def color_jitter(x: torch.Tensor, strength: float, p: float, generator=None) -> 
     def u(lo, hi):
         return lo + (hi - lo) * torch.rand(b, device=x.device, dtype=x.dtype, generator=generator)
 
-    apply = torch.rand(b, device=x.device, generator=generator) < p
+    apply = _apply_draw(b, p, per, x.device, generator)
     s = strength
     y = adjust_brightness(x, u(max(0.0, 1 - s), 1 + s))
     y = adjust_contrast(y, u(max(0.0, 1 - s), 1 + s))
@@ -155,21 +168,22 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_hw: tuple[int, in
 
 
 def random_gaussian_blur(x: torch.Tensor, p: float, sigma_range, kernel_ratio: float = 0.1,
-                         generator=None) -> torch.Tensor:
-    """Blur each image with probability p, sigma ~ U[sigma_range], kernel ~ kernel_ratio of each side."""
+                         generator=None, per: str = "batch") -> torch.Tensor:
+    """Blur with probability p (drawn once per batch, as the reference, or per image: `per`),
+    sigma ~ U[sigma_range] per image, kernel ~ kernel_ratio of each side."""
     if p <= 0:
         return x
     b, _, h, w = x.shape
     lo, hi = sigma_range
     sigma = lo + (hi - lo) * torch.rand(b, device=x.device, generator=generator)
-    apply = torch.rand(b, device=x.device, generator=generator) < p
+    apply = _apply_draw(b, p, per, x.device, generator)
     # reflect padding needs kernel // 2 < side
     kernel = (min(blur_kernel_size(h, kernel_ratio), 2 * h - 1), min(blur_kernel_size(w, kernel_ratio), 2 * w - 1))
     return torch.where(_per_image(apply), gaussian_blur(x, sigma, kernel), x)
 
 
 __all__ = [
-    "present_classes", "choose_mix_classes", "class_mix_mask", "mix", "color_jitter",
+    "APPLY_PER", "present_classes", "choose_mix_classes", "class_mix_mask", "mix", "color_jitter",
     "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "rgb_to_hsv", "hsv_to_rgb",
     "blur_kernel_size", "gaussian_kernels", "gaussian_blur", "random_gaussian_blur",
 ]

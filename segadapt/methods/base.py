@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..engine.optim import ScheduledOptimizer, build_optimizer
+from ..engine.optim import ScheduledOptimizer, advent_repeated_backbone, build_optimizer
 
 IGNORE_INDEX = 255
 
@@ -17,20 +17,35 @@ class MethodConfig:
     name: str = "source_only"
 
 
-def upsample(logits: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear, align_corners=True: the ADVENT/DeepLab convention for training losses."""
+def upsample(logits: torch.Tensor, size, align_corners: bool = True) -> torch.Tensor:
+    """Bilinear; align_corners=True is the ADVENT/DeepLab convention for training losses,
+    False the mmseg one (DACS/DAFormer/CONFETI)."""
     if logits.shape[-2:] == tuple(size):
         return logits
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
-def segmentation_loss(outputs: dict, labels: torch.Tensor, aux_weight: float, prefix: str = "loss_seg") -> dict:
-    """Cross-entropy on the main (and aux) logits upsampled to label size, mean over valid pixels."""
-    size = labels.shape[-2:]
-    losses = {f"{prefix}_main": F.cross_entropy(upsample(outputs["main"], size).float(), labels, ignore_index=IGNORE_INDEX)}
+CE_MEANS = ("valid", "all")
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mean: str = "valid",
+                  align_corners: bool = True) -> torch.Tensor:
+    """CE of logits upsampled to label size. `mean='valid'`: over labelled pixels (ADVENT);
+    `'all'`: over all pixels, ignored ones counting zero (mmseg 0.x, DACS/DAFormer)."""
+    logits = upsample(logits, labels.shape[-2:], align_corners).float()
+    if mean == "valid":
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    if mean == "all":
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
+    raise ValueError(f"cross-entropy mean must be one of {CE_MEANS}, got {mean!r}")
+
+
+def segmentation_loss(outputs: dict, labels: torch.Tensor, aux_weight: float, prefix: str = "loss_seg",
+                      mean: str = "valid", align_corners: bool = True) -> dict:
+    """Cross-entropy on the main (and aux) logits upsampled to label size (see `cross_entropy`)."""
+    losses = {f"{prefix}_main": cross_entropy(outputs["main"], labels, mean, align_corners)}
     if "aux" in outputs and aux_weight > 0:
-        aux = F.cross_entropy(upsample(outputs["aux"], size).float(), labels, ignore_index=IGNORE_INDEX)
-        losses[f"{prefix}_aux"] = aux_weight * aux
+        losses[f"{prefix}_aux"] = aux_weight * cross_entropy(outputs["aux"], labels, mean, align_corners)
     return losses
 
 
@@ -64,8 +79,11 @@ class UDAMethod(nn.Module):
     def segmenter_param_groups(self) -> list[dict]:
         head_ids = {id(p) for p in self.model.param_groups()["head"]}
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        backbone = [(n, p) for n, p in named if id(p) not in head_ids]
+        if self.cfg.optim.param_list == "advent_repeated":
+            backbone = advent_repeated_backbone(self.model, backbone)
         return [
-            {"params": [(n, p) for n, p in named if id(p) not in head_ids], "lr_mult": 1.0},
+            {"params": backbone, "lr_mult": 1.0},
             {"params": [(n, p) for n, p in named if id(p) in head_ids], "lr_mult": self.cfg.optim.head_lr_mult},
         ]
 

@@ -4,10 +4,12 @@ strategies (rare class sampling + ImageNet feature distance) on the same core.
 Per iteration:
   1. source CE on the labelled source batch;
   2. (DAFormer) feature distance of the source features to the frozen initial backbone;
-  3. teacher (EMA of the student, eval mode) on the clean target batch -> pseudo-labels
-     and their weight q (fraction of confident pixels), zero in the top/bottom rows;
+  3. teacher (EMA of the student's parameters; BatchNorm on the batch's statistics, as the
+     reference) on the clean target batch -> pseudo-labels and their weight q (fraction of
+     confident pixels), zero in the top/bottom rows;
   4. ClassMix per image pair: half of the source image's classes pasted on the target,
-     labels and weights mixed the same way, then colour jitter and Gaussian blur;
+     labels and weights mixed the same way, then colour jitter (p 0.8) and Gaussian blur
+     (p 0.5), each decided once per batch as the reference;
   5. pixel-weighted CE of the student on the mixed batch;
 and after the optimizer step the EMA update of the teacher.
 """
@@ -24,8 +26,8 @@ from ..data.labels import THING_CLASSES
 from ..engine import distributed as dist_utils
 from ..errors import ConfigError, TrainingError
 from . import register_method
-from .augment import choose_mix_classes, class_mix_mask, color_jitter, mix, random_gaussian_blur
-from .base import IGNORE_INDEX, MethodConfig, UDAMethod, segmentation_loss, upsample
+from .augment import APPLY_PER, choose_mix_classes, class_mix_mask, color_jitter, mix, random_gaussian_blur
+from .base import CE_MEANS, IGNORE_INDEX, MethodConfig, UDAMethod, segmentation_loss, upsample
 from .feature_distance import FrozenBackbone, class_lookup, feature_distance_mask, masked_feature_distance
 from .teacher import MeanTeacher
 
@@ -50,10 +52,12 @@ def pseudo_weight_map(q: torch.Tensor, shape, ignore_top: int, ignore_bottom: in
     return weight
 
 
-def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean over all pixels of weight * CE (ignored pixels contribute 0), DACS/DAFormer's normalisation."""
-    ce = F.cross_entropy(upsample(logits, labels.shape[-2:]).float(), labels, ignore_index=IGNORE_INDEX,
-                         reduction="none")
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                           align_corners: bool = False) -> torch.Tensor:
+    """Mean over all pixels of weight * CE (ignored pixels contribute 0), DACS/DAFormer's normalisation;
+    logits upsampled as mmseg's decode head does (align_corners=False)."""
+    ce = F.cross_entropy(upsample(logits, labels.shape[-2:], align_corners).float(), labels,
+                         ignore_index=IGNORE_INDEX, reduction="none")
     return (ce * weights).mean()
 
 
@@ -69,10 +73,14 @@ class DACS(UDAMethod):
         ignore_top: int = 15  # rows (at 512 px height) without pseudo-label weight: rectification border
         ignore_bottom: int = 120  # ... and the ego car
         jitter_strength: float = 0.2
-        jitter_p: float = 0.2
+        jitter_p: float = 0.8  # probability of jittering (the reference jitters when u ~ U(0,1) > 0.2)
         blur_p: float = 0.5
         blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
         blur_kernel_ratio: float = 0.1  # kernel side ~ 10% of the image side (odd)
+        aug_apply_per: str = "batch"  # jitter/blur applied or not once per batch (reference) | image
+        teacher_norm: str = "batch"  # teacher BatchNorm: batch statistics (reference) | running (eval mode)
+        source_ce_mean: str = "all"  # source CE over all pixels, ignored = 0 (mmseg) | valid (ADVENT)
+        align_corners: bool = False  # upsampling of student and teacher logits to label size (mmseg: False)
         eval_teacher: bool = False  # evaluate the EMA teacher instead of the student
 
     def __init__(self, model, cfg, mcfg):
@@ -87,10 +95,17 @@ class DACS(UDAMethod):
             raise ConfigError(f"method.blur_sigma must be [low, high] with 0 < low <= high, got {m.blur_sigma}")
         if m.ignore_top < 0 or m.ignore_bottom < 0:
             raise ConfigError("method.ignore_top / method.ignore_bottom must be >= 0")
+        for key, value, choices in (("aug_apply_per", m.aug_apply_per, APPLY_PER),
+                                    ("teacher_norm", m.teacher_norm, ("batch", "running")),
+                                    ("source_ce_mean", m.source_ce_mean, CE_MEANS)):
+            if value not in choices:
+                raise ConfigError(f"method.{key} must be one of {', '.join(choices)}, got {value!r}")
+        if not 0.0 <= m.jitter_p <= 1.0 or not 0.0 <= m.blur_p <= 1.0:
+            raise ConfigError("method.jitter_p and method.blur_p are probabilities in [0, 1]")
         self.num_classes = cfg.model.num_classes
         self.build_heads()
         # copied now: the student as built, i.e. after model.pretrained / train.init_from (t = 0)
-        self.teacher = MeanTeacher(self.teacher_source(), m.ema_alpha)
+        self.teacher = MeanTeacher(self.teacher_source(), m.ema_alpha, norm_mode=m.teacher_norm)
 
     def build_heads(self) -> None:
         """Where subclasses create heads that the teacher averages too: called before it is copied."""
@@ -103,7 +118,8 @@ class DACS(UDAMethod):
     @torch.no_grad()
     def pseudo_labels(self, target_images: torch.Tensor):
         """Teacher's argmax on the clean target, and the (B, H, W) pixel weights."""
-        logits = upsample(self.teacher_model()(target_images)["main"], target_images.shape[-2:])
+        logits = upsample(self.teacher_model()(target_images)["main"], target_images.shape[-2:],
+                          self.mcfg.align_corners)
         probs = torch.softmax(logits.float(), dim=1)
         labels = probs.argmax(dim=1)
         q = confidence_weight(probs, self.mcfg.pseudo_threshold)
@@ -117,13 +133,20 @@ class DACS(UDAMethod):
         images = mix(mask, src["image"], target_images)
         labels = mix(mask, src["label"], target_labels)
         weights = mix(mask, torch.ones_like(target_weights), target_weights)
-        images = color_jitter(images, m.jitter_strength, m.jitter_p)
-        images = random_gaussian_blur(images, m.blur_p, m.blur_sigma, m.blur_kernel_ratio)
+        images = color_jitter(images, m.jitter_strength, m.jitter_p, per=m.aug_apply_per)
+        images = random_gaussian_blur(images, m.blur_p, m.blur_sigma, m.blur_kernel_ratio, per=m.aug_apply_per)
         return images, labels, weights, mask
 
+    def source_ce(self, out: dict, labels: torch.Tensor) -> dict:
+        """The supervised source loss, averaged and upsampled as the method's config says."""
+        return segmentation_loss(out, labels, self.cfg.model.aux_weight, prefix="loss_src",
+                                 mean=self.mcfg.source_ce_mean, align_corners=self.mcfg.align_corners)
+
+    def mix_ce(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return weighted_cross_entropy(logits, labels, weights, self.mcfg.align_corners)
+
     def source_losses(self, src: dict) -> dict:
-        out = self.model(src["image"])
-        return segmentation_loss(out, src["label"], self.cfg.model.aux_weight, prefix="loss_src")
+        return self.source_ce(self.model(src["image"]), src["label"])
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict, it: int) -> dict:
@@ -137,9 +160,9 @@ class DACS(UDAMethod):
         pseudo, weights, q = self.pseudo_labels(tgt["image"])
         images, labels, weights, mask = self.mix_batch(src, tgt["image"], pseudo, weights)
         out = self.model(images)
-        losses["loss_mix_main"] = weighted_cross_entropy(out["main"], labels, weights)
+        losses["loss_mix_main"] = self.mix_ce(out["main"], labels, weights)
         if "aux" in out and self.cfg.model.aux_weight > 0:
-            losses["loss_mix_aux"] = self.cfg.model.aux_weight * weighted_cross_entropy(out["aux"], labels, weights)
+            losses["loss_mix_aux"] = self.cfg.model.aux_weight * self.mix_ce(out["aux"], labels, weights)
         losses["pseudo_weight"] = q.detach()
         losses["mix_source_fraction"] = mask.mean()
         return losses
@@ -168,9 +191,9 @@ class DAFormer(DACS):
         name: str = "daformer"
         rcs: bool = True
         rcs_temperature: float = 0.01
-        rcs_min_pixels: int = 3000  # an image is drawn for class c if it has >= this many c pixels
-        rcs_min_crop_ratio: float = 0.5  # crop re-drawn until it holds ratio * rcs_min_pixels of c
-        rcs_crop_attempts: int = 10
+        rcs_min_pixels: int = 3000  # an image is drawn for class c if it has more c pixels than this
+        rcs_min_crop_ratio: float = 0.5  # crop re-drawn while it holds <= ratio * rcs_min_pixels of c
+        rcs_crop_attempts: int = 10  # re-draws after the first crop
         rcs_stats: Optional[str] = None  # class statistics cache; default <source.root>/segadapt_class_stats.json
         fd_lambda: float = 0.005  # 0 turns the feature distance off
         fd_classes: list[int] = field(default_factory=lambda: list(THING_CLASSES))
@@ -211,7 +234,7 @@ class DAFormer(DACS):
         if self.imagenet is None:
             return super().source_losses(src)
         out = self.model(src["image"], return_features=True)
-        losses = segmentation_loss(out, src["label"], self.cfg.model.aux_weight, prefix="loss_src")
+        losses = self.source_ce(out, src["label"])
         feat = out["features"]
         with torch.no_grad():
             ref = self.imagenet(src["image"])

@@ -2,10 +2,17 @@
 
     theta_T <- alpha_t * theta_T + (1 - alpha_t) * theta_S,   alpha_t = min(1 - 1/(t+1), alpha)
 
-The teacher starts as an exact copy of the student (t = 0, alpha_0 = 0), is
-never trained (requires_grad False, in no optimizer) and always runs in eval
-mode: no dropout, and BatchNorm uses its running statistics, which are averaged
-like the weights. To average several modules at once (a segmenter plus extra
+The teacher starts as an exact copy of the student (t = 0, alpha_0 = 0) and is
+never trained (requires_grad False, in no optimizer); dropout and drop-path are
+always off in it. BatchNorm, `norm_mode`:
+
+* ``"batch"`` (DACS/DAFormer code): the teacher follows the method's train/eval
+  mode, so in training its BatchNorm normalises with the statistics of the batch
+  it sees and keeps its own running statistics; only parameters are averaged.
+* ``"running"``: always eval mode, BatchNorm uses running statistics, which are
+  averaged like the weights.
+
+To average several modules at once (a segmenter plus extra
 heads), pass an `nn.ModuleDict` and index the teacher's copy: `teacher.ema['cam']`.
 
 Being a submodule of the method, the copy is saved in and restored from the
@@ -19,22 +26,32 @@ import torch
 import torch.nn as nn
 
 
+NORM_MODES = ("batch", "running")
+
+
+def _is_dropout(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ == "DropPath"
+
+
 def ema_alpha(t: int, alpha: float) -> float:
     """The averaging factor at update t: a plain running mean early on, capped at `alpha`."""
     return min(1.0 - 1.0 / (t + 1), alpha)
 
 
 class MeanTeacher(nn.Module):
-    def __init__(self, student: nn.Module, alpha: float = 0.999):
+    def __init__(self, student: nn.Module, alpha: float = 0.999, norm_mode: str = "batch"):
         super().__init__()
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"EMA alpha must be in [0, 1), got {alpha}")
+        if norm_mode not in NORM_MODES:
+            raise ValueError(f"teacher norm mode must be one of {NORM_MODES}, got {norm_mode!r}")
         self.alpha = alpha
+        self.norm_mode = norm_mode
         # a tuple hides the student from nn.Module: it is owned (and saved) elsewhere
         self._student = (student,)
         self.ema = copy.deepcopy(student)
         self.ema.requires_grad_(False)
-        self.ema.eval()
+        self.train(student.training)
 
     @property
     def student(self) -> nn.Module:
@@ -42,7 +59,12 @@ class MeanTeacher(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.ema.eval()  # whatever the method's mode: no dropout, running BN statistics
+        if self.norm_mode == "running":
+            self.ema.eval()
+        else:
+            for m in self.ema.modules():
+                if _is_dropout(m):
+                    m.train(False)
         return self
 
     def forward(self, *args, **kwargs):
@@ -59,6 +81,8 @@ class MeanTeacher(nn.Module):
             raise RuntimeError("teacher and student have different parameter lists")
         torch._foreach_mul_(ema_p, a)
         torch._foreach_add_(ema_p, [p.detach() for p in stu_p], alpha=1.0 - a)
+        if self.norm_mode == "batch":
+            return  # the teacher's running statistics are its own
         for b_ema, b_stu in zip(self.ema.buffers(), self.student.buffers()):
             if b_ema.is_floating_point():  # BN running mean/var: averaged like the weights
                 b_ema.mul_(a).add_(b_stu, alpha=1.0 - a)
