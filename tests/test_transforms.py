@@ -96,3 +96,26 @@ def test_normalize_imagenet_hand_values_and_inverse():
     assert torch.allclose(T.denormalize(T.normalize(x2, "advent"), "advent"), x2, atol=1e-5)
     with pytest.raises(ValueError, match="advent"):
         T.normalize(x2, "caffe")
+
+
+def test_dataset_resizes_before_the_random_crop(tmp_path):
+    """CONFETI / DAFormer pipelines: resize the whole image, then crop from the resized one."""
+    from segadapt.data.datasets import build_dataset
+
+    from .test_datasets import cfg, save
+
+    raw_ids = np.array([7, 8, 11, 12, 13, 17], dtype=np.uint8)  # Cityscapes ids of train ids 0..5
+    lab = np.tile(raw_ids[np.arange(12) // 2], (8, 1))  # 8 x 12, train id = column // 2
+    save(tmp_path / "images/00000.png", np.zeros((8, 12, 3), np.uint8))
+    save(tmp_path / "labels/00000.png", lab)
+    ds = build_dataset(cfg("gta5", tmp_path, resize=[6, 4], crop=[3, 2]))
+    starts = set()
+    for seed in range(20):
+        item = ds[(0, seed)]
+        assert item["image"].shape == (3, 2, 3)
+        row = item["label"][0].tolist()
+        # resized to 6 wide (nearest: train id = column), so a crop holds three consecutive ids;
+        # cropping the 12-wide original first would repeat ids, e.g. [0, 0, 1]
+        assert row == list(range(row[0], row[0] + 3)) and (item["label"] == item["label"][0]).all()
+        starts.add(row[0])
+    assert starts == {0, 1, 2, 3}
