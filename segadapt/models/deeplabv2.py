@@ -1,5 +1,10 @@
 """DeepLabV2 segmenter in the ADVENT variant (ResNet trunk + ASPP-sum classifiers).
 
+The trunk is ADVENT's Caffe ResNet (``resnet_style='caffe'``) or mmseg's
+ResNetV1c (``'v1c'``, DAFormer / CONFETI); see ``resnet.py``. mmseg's
+``DLV2Head`` is the same sum of dilated 3x3 convs as ``layer6``
+(``checkpoints.py`` maps its keys).
+
 The state-dict layout is exactly ADVENT's ``ResNetMulti``: the trunk modules
 sit at the top level (``conv1``, ``bn1``, ``layer1`` .. ``layer4``), ``layer5``
 is the auxiliary classifier on layer3 and ``layer6`` the main classifier on
@@ -12,14 +17,14 @@ output stride 8 and are NOT upsampled.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from segadapt.errors import ConfigError
 
-from .resnet import BN_MODES, STEMS, ResNet
+from .resnet import BN_MODES, RESNET_STYLES, STEMS, ResNet
 
 __all__ = [
     "ADVENT_BGR_MEAN",
@@ -116,7 +121,8 @@ class DeepLabV2(ResNet):
     ``forward(x, return_features=False)`` with ``x`` RGB in [0, 1], (B, 3, H, W),
     returns ``{'main': (B, C, h, w), 'aux': (B, C, h, w)}`` (``aux`` only if
     ``aux=True``) and ``'features'`` (layer4 output) if ``return_features``,
-    where ``h = ceil(H / 8)``, ``w = ceil(W / 8)``.
+    where ``h = ceil(H / 8)``, ``w = ceil(W / 8)`` for the v1c style; the caffe
+    style's ceil-mode max-pool can add one cell (ADVENT: 512x1024 -> 65x129).
     """
 
     HEAD_PREFIXES: Tuple[str, ...] = ("layer5.", "layer6.")
@@ -126,20 +132,27 @@ class DeepLabV2(ResNet):
         num_classes: int = 19,
         depth: int = 101,
         base_width: int = 64,
-        stem: str = "caffe",
+        stem: Optional[str] = None,
         aux: bool = True,
         normalization: str = "advent_bgr",
         bn_mode: str = "train",
-        stride_in_1x1: bool = True,
+        stride_in_1x1: Optional[bool] = None,
         aspp_dilations: Sequence[int] = (6, 12, 18, 24),
+        resnet_style: str = "caffe",
     ) -> None:
         super().__init__(
-            depth=depth, base_width=base_width, stem=stem, bn_mode=bn_mode, stride_in_1x1=stride_in_1x1
+            depth=depth,
+            base_width=base_width,
+            stem=stem,
+            bn_mode=bn_mode,
+            stride_in_1x1=stride_in_1x1,
+            resnet_style=resnet_style,
         )
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.aux = aux
+        self.aspp_dilations: Tuple[int, ...] = tuple(aspp_dilations)
         self.normalization = normalization
         self.normalize = InputNormalization(normalization)
         self.layer5 = ClassifierModule(self.stage_channels[2], num_classes, aspp_dilations) if aux else None
@@ -183,11 +196,13 @@ def build_segmenter(cfg) -> DeepLabV2:
     """Build the segmenter from a config object (attributes or a dict).
 
     Fields: ``arch`` ('deeplabv2'), ``backbone`` ('resnet101'|'resnet50'|
-    'resnet34'|'resnet18'), ``base_width`` (64), ``stem`` ('caffe'|'v1c'),
+    'resnet34'|'resnet18'), ``resnet_style`` ('caffe'|'v1c'), ``base_width``
+    (64), ``stem`` (None = the style's; caffe style: 'caffe'|'v1c'),
     ``num_classes`` (19), ``aux`` (True), ``normalization`` ('advent_bgr'|
-    'imagenet_rgb'), ``bn_mode`` ('train'|'eval'), ``pretrained`` (path or
-    None, loaded with ``checkpoints.load_pretrained``), optional
-    ``stride_in_1x1`` (True). Invalid values raise ``ConfigError``.
+    'imagenet_rgb'), ``bn_mode`` ('train'|'eval'), ``aspp_dilations``
+    ((6, 12, 18, 24)), ``pretrained`` (path or None, loaded with
+    ``checkpoints.load_pretrained``), ``stride_in_1x1`` (None = the style's).
+    Invalid values raise ``ConfigError``.
     """
     arch = _cfg_get(cfg, "arch", "deeplabv2")
     if arch != "deeplabv2":
@@ -195,9 +210,26 @@ def build_segmenter(cfg) -> DeepLabV2:
     backbone = _cfg_get(cfg, "backbone", "resnet101")
     if backbone not in BACKBONES:
         raise ConfigError(f"model.backbone: unknown backbone {backbone!r}; supported: {', '.join(BACKBONES)}")
-    stem = _cfg_get(cfg, "stem", "caffe")
-    if stem not in STEMS:
+    resnet_style = _cfg_get(cfg, "resnet_style", "caffe")
+    if resnet_style not in RESNET_STYLES:
+        raise ConfigError(
+            f"model.resnet_style: unknown style {resnet_style!r}; supported: {', '.join(RESNET_STYLES)}"
+        )
+    stem = _cfg_get(cfg, "stem", None)
+    if stem is not None and stem not in STEMS:
         raise ConfigError(f"model.stem: unknown stem {stem!r}; supported: {', '.join(STEMS)}")
+    stride_in_1x1 = _cfg_get(cfg, "stride_in_1x1", None)
+    if resnet_style == "v1c" and stem not in (None, "v1c"):
+        raise ConfigError(f"model.stem={stem!r} does not apply to resnet_style v1c (its stem is always 'v1c')")
+    if resnet_style == "v1c" and stride_in_1x1:
+        raise ConfigError("model.stride_in_1x1=true does not apply to resnet_style v1c (it strides in the 3x3 conv)")
+    aspp_dilations = _cfg_get(cfg, "aspp_dilations", (6, 12, 18, 24))
+    if (
+        not isinstance(aspp_dilations, (list, tuple))
+        or not aspp_dilations
+        or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in aspp_dilations)
+    ):
+        raise ConfigError(f"model.aspp_dilations must be a non-empty list of positive integers, got {aspp_dilations!r}")
     normalization = _cfg_get(cfg, "normalization", "advent_bgr")
     if normalization not in NORMALIZATIONS:
         raise ConfigError(
@@ -221,7 +253,9 @@ def build_segmenter(cfg) -> DeepLabV2:
         aux=bool(_cfg_get(cfg, "aux", True)),
         normalization=normalization,
         bn_mode=bn_mode,
-        stride_in_1x1=bool(_cfg_get(cfg, "stride_in_1x1", True)),
+        stride_in_1x1=None if stride_in_1x1 is None else bool(stride_in_1x1),
+        aspp_dilations=tuple(aspp_dilations),
+        resnet_style=resnet_style,
     )
     pretrained = _cfg_get(cfg, "pretrained", None)
     if pretrained:

@@ -1,5 +1,6 @@
-"""Self-contained dilated ResNet backbone (ADVENT / Caffe DeepLab variant).
+"""Self-contained dilated ResNet backbones, output stride 8, in two styles.
 
+``resnet_style='caffe'`` (default): the ADVENT / Caffe DeepLab variant.
 Differences from the classic ImageNet ResNet:
 
 * Bottleneck blocks put the stride in the FIRST 1x1 conv (Caffe style);
@@ -19,9 +20,21 @@ Differences from the classic ImageNet ResNet:
   ``stem='v1c'``: three 3x3 convs 3 -> w/2 -> w/2 -> w with BN+ReLU, the first
   with stride 2, stored as ``stem.0 .. stem.8`` (mmseg ``ResNetV1c`` naming).
 
-The module attribute names follow the ResNet convention so that state-dict keys
-are ``conv1.weight``, ``bn1.running_mean``, ``layer1.0.conv1.weight``,
-``layer1.0.downsample.0.weight``, ...
+``resnet_style='v1c'``: mmseg's ``ResNetV1c`` as DAFormer / CONFETI build it
+for DeepLabV2 (``style='pytorch'``, ``contract_dilation=True``, trained BN):
+
+* the three-conv stem above (``stem.0 .. stem.8``), always;
+* max-pool 3x3 / 2 / padding 1 WITHOUT ``ceil_mode``;
+* Bottleneck stride on the 3x3 conv; BasicBlock dilates only its first conv;
+* contracted dilation: the first block of a dilated layer uses half the
+  layer's dilation (layer3: 1 then 2, layer4: 2 then 4);
+* a ``downsample`` projection only where the stride or the channel count
+  changes (not for a dilation change alone);
+* BatchNorm affine parameters trained (``requires_grad=True``).
+
+Both styles give the same keys for Bottleneck depths; the state-dict keys follow
+the ResNet convention: ``conv1.weight`` / ``stem.0.weight``, ``bn1.running_mean``,
+``layer1.0.conv1.weight``, ``layer1.0.downsample.0.weight``, ...
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ __all__ = [
     "RESNET_BLOCKS",
     "BN_MODES",
     "STEMS",
+    "RESNET_STYLES",
     "resnet",
     "freeze_bn_affine",
 ]
@@ -51,6 +65,7 @@ RESNET_BLOCKS = {
 }
 BN_MODES = ("train", "eval")
 STEMS = ("caffe", "v1c")
+RESNET_STYLES = ("caffe", "v1c")
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -71,7 +86,7 @@ def freeze_bn_affine(module: nn.Module) -> None:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs; stride and dilation on both/first as usual."""
+    """Two 3x3 convs; stride on the first, dilation on both (mmseg: first only)."""
 
     expansion = 1
 
@@ -83,11 +98,13 @@ class BasicBlock(nn.Module):
         dilation: int = 1,
         downsample: Optional[nn.Module] = None,
         stride_in_1x1: bool = True,  # unused; kept for a uniform signature
+        dilate_conv2: bool = True,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
         self.bn1 = _bn(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=dilation, dilation=dilation, bias=False)
+        d2 = dilation if dilate_conv2 else 1
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=d2, dilation=d2, bias=False)
         self.bn2 = _bn(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -114,6 +131,7 @@ class Bottleneck(nn.Module):
         dilation: int = 1,
         downsample: Optional[nn.Module] = None,
         stride_in_1x1: bool = True,
+        dilate_conv2: bool = True,  # unused; kept for a uniform signature
     ) -> None:
         super().__init__()
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
@@ -145,24 +163,39 @@ class ResNet(nn.Module):
     ``forward(x)`` returns the layer4 features; ``forward_stages(x)`` returns
     the outputs of layer1..layer4. The input is expected to be normalised
     already (``DeepLabV2`` does that itself).
+
+    ``stem`` / ``stride_in_1x1`` default (None) to the style's own: caffe ->
+    ``'caffe'`` / True; v1c -> ``'v1c'`` / False (the only values v1c allows).
     """
 
     def __init__(
         self,
         depth: int = 101,
         base_width: int = 64,
-        stem: str = "caffe",
+        stem: Optional[str] = None,
         bn_mode: str = "train",
-        stride_in_1x1: bool = True,
+        stride_in_1x1: Optional[bool] = None,
         strides: Sequence[int] = (1, 2, 1, 1),
         dilations: Sequence[int] = (1, 1, 2, 4),
         in_channels: int = 3,
+        resnet_style: str = "caffe",
     ) -> None:
         super().__init__()
         if depth not in RESNET_BLOCKS:
             raise ValueError(f"unsupported ResNet depth {depth}; choose one of {sorted(RESNET_BLOCKS)}")
+        if resnet_style not in RESNET_STYLES:
+            raise ValueError(f"unknown resnet_style {resnet_style!r}; choose one of {RESNET_STYLES}")
+        v1c = resnet_style == "v1c"
+        if stem is None:
+            stem = "v1c" if v1c else "caffe"
+        if stride_in_1x1 is None:
+            stride_in_1x1 = not v1c
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; choose one of {STEMS}")
+        if v1c and stem != "v1c":
+            raise ValueError(f"resnet_style 'v1c' always has the three-conv stem, got stem={stem!r}")
+        if v1c and stride_in_1x1:
+            raise ValueError("resnet_style 'v1c' strides in the 3x3 conv; stride_in_1x1=True is the caffe style")
         if bn_mode not in BN_MODES:
             raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of {BN_MODES}")
         if base_width < 2 or base_width % 2:
@@ -171,10 +204,15 @@ class ResNet(nn.Module):
         block: Block = BasicBlock if kind == "basic" else Bottleneck
         self.depth = depth
         self.base_width = base_width
+        self.resnet_style = resnet_style
         self.stem_type = stem
         self.bn_mode = bn_mode
         self.stride_in_1x1 = stride_in_1x1
         self.blocks: Tuple[int, ...] = tuple(blocks)
+        # mmseg ResNetV1c (contract_dilation=True) vs ADVENT's Caffe trunk
+        self._contract_dilation = v1c
+        self._downsample_on_dilation = not v1c
+        self._dilate_basic_conv2 = not v1c
 
         w = base_width
         self.relu = nn.ReLU(inplace=True)
@@ -198,7 +236,7 @@ class ResNet(nn.Module):
                 _bn(w),
                 nn.ReLU(inplace=True),
             )
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=not v1c)
 
         self._inplanes = w
         self.layer1 = self._make_layer(block, w, blocks[0], strides[0], dilations[0])
@@ -210,21 +248,27 @@ class ResNet(nn.Module):
         self.feature_channels = self.stage_channels[3]
         self.output_stride = 4 * math.prod(strides)
         self._init_weights()
+        if v1c:
+            # mmseg norm_cfg requires_grad=True: BN scale and shift are trained
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.weight.requires_grad_(True)
+                    m.bias.requires_grad_(True)
 
     def _make_layer(self, block: Block, planes: int, n: int, stride: int, dilation: int) -> nn.Sequential:
         out_ch = planes * block.expansion
         downsample: Optional[nn.Module] = None
-        if stride != 1 or self._inplanes != out_ch or dilation > 1:
+        if stride != 1 or self._inplanes != out_ch or (self._downsample_on_dilation and dilation > 1):
             downsample = nn.Sequential(
                 nn.Conv2d(self._inplanes, out_ch, 1, stride=stride, bias=False),
                 _bn(out_ch),
             )
-        layers: List[nn.Module] = [
-            block(self._inplanes, planes, stride, dilation, downsample, stride_in_1x1=self.stride_in_1x1)
-        ]
+        first_dilation = dilation // 2 if self._contract_dilation and dilation > 1 else dilation
+        opts = dict(stride_in_1x1=self.stride_in_1x1, dilate_conv2=self._dilate_basic_conv2)
+        layers: List[nn.Module] = [block(self._inplanes, planes, stride, first_dilation, downsample, **opts)]
         self._inplanes = out_ch
         for _ in range(1, n):
-            layers.append(block(out_ch, planes, 1, dilation, None, stride_in_1x1=self.stride_in_1x1))
+            layers.append(block(out_ch, planes, 1, dilation, None, **opts))
         return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
