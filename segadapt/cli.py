@@ -120,6 +120,7 @@ def cmd_test(args) -> int:
     from .engine.evaluator import evaluate
     from .engine.trainer import build_eval_loader, ensure_data, eval_kwargs
     from .errors import CheckpointError
+    from .data.io import ensure_writable
     from .models.checkpoints import load_pretrained, read_checkpoint
     from .models.deeplabv2 import build_segmenter
 
@@ -128,6 +129,12 @@ def cmd_test(args) -> int:
         ckpt_path = ckpt_path / ("final.pth" if (ckpt_path / "final.pth").is_file() else "last.pth")
     if not ckpt_path.is_file():
         raise CheckpointError(f"checkpoint not found: {ckpt_path}")
+    from .engine.run_folder import refuse_output_over_inputs
+
+    out_dir = Path(args.out) if args.out else ckpt_path.parent / "test"
+    refuse_output_over_inputs([out_dir] + [out_dir / f"results.{ext}" for ext in ("md", "csv", "json")],
+                              [("the checkpoint", ckpt_path), ("the config", args.config)], shown_as=out_dir)
+    ensure_writable(out_dir / "results.json")  # before the evaluation, not after it
     stored = None
     if args.config is None:
         obj = read_checkpoint(ckpt_path)
@@ -152,7 +159,7 @@ def cmd_test(args) -> int:
         if _is_main():
             print(f"warning: evaluated on a restyled copy, not the standard benchmark: {note}", file=sys.stderr)
     if _is_main():
-        out = Path(args.out) if args.out else ckpt_path.parent / "test"
+        out = out_dir
         result.save(out, "results")
         print(result.table())
         print(f"results written to {out}/results.{{md,csv,json}}")

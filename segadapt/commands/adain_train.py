@@ -65,6 +65,7 @@ def _dataset(kind: str, root: str, split: str, cfg, what: str):
 
 
 def run(args) -> int:
+    from segadapt.data.io import ensure_writable
     from segadapt.engine.distributed import resolve_device
     from segadapt.errors import ConfigError
     from segadapt.models.adain import AdaINStylizer, AdaINTrainConfig, train_decoder
@@ -84,8 +85,14 @@ def run(args) -> int:
     if args.plain and args.vgg is None:
         raise ConfigError("--plain needs --vgg: a random-encoder decoder must keep its metadata")
     out = Path(args.out)
+    from segadapt.engine.run_folder import refuse_output_over_inputs
+
+    refuse_output_over_inputs(out, [("--vgg", args.vgg), ("--content-root", args.content_root),
+                                    ("--style-root", args.style_root),
+                                    ("--mobilenet", None if args.mobilenet == "installed" else args.mobilenet)])
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name such as {out / 'decoder.pth'}")
+    ensure_writable(out)  # before training, not after it
 
     device = resolve_device(args.device)
     content = _dataset(args.content_kind, args.content_root, args.split, cfg, "content")

@@ -26,17 +26,41 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..engine.export import export_segmenter, require_onnx
-    from ..engine.predictor import load_segmenter
-    from ..errors import ConfigError
+    import dataclasses
+    import errno
+    import os
 
+    from ..data.io import ensure_writable
+    from ..engine.export import export_segmenter, require_onnx
+    from ..engine.predictor import load_segmenter, resolve_checkpoint
+    from ..engine.run_folder import refuse_output_over_inputs
+    from ..errors import ConfigError, SegadaptError, write_error
+
+    refuse_output_over_inputs(args.out, [("the checkpoint", resolve_checkpoint(args.checkpoint)),
+                                         ("the config", args.config)])
     if args.format == "onnx":
         require_onnx()  # before the (slow) checkpoint load
     model, cfg = load_segmenter(args.checkpoint, args.config)
     size = args.size or cfg.eval.data.resize
     if size is None:
         raise ConfigError("export needs --size W H (the config has no eval.data.resize)")
-    report = export_segmenter(model, args.format, args.out, size, with_argmax=args.with_argmax,
-                              tolerance=args.tolerance, opset=args.opset)
-    print(report.summary())
+    out = ensure_writable(args.out)  # before the export, not after it
+    # written beside --out and renamed once verified: a failed export or a full disk
+    # leaves an earlier file at --out as it was
+    tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
+    try:
+        report = export_segmenter(model, args.format, tmp, size, with_argmax=args.with_argmax,
+                                  tolerance=args.tolerance, opset=args.opset)
+        os.replace(tmp, out)
+    except SegadaptError as e:
+        raise type(e)(str(e).replace(str(tmp), str(out))) from None
+    except OSError as e:
+        raise write_error(out, e) from None
+    except RuntimeError as e:
+        if "file write failed" not in str(e):  # torch's own writer on a full disk
+            raise
+        raise write_error(out, OSError(errno.ENOSPC, "write failed (disk full?)")) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(dataclasses.replace(report, path=out).summary())
     return 0

@@ -40,7 +40,10 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from ..engine.predictor import Predictor, collect_images, infer_kwargs_from, load_segmenter, resolve_device
+    from ..engine.predictor import (OUTPUT_SUFFIXES, Predictor, collect_images, infer_kwargs_from, load_segmenter,
+                                    resolve_checkpoint, resolve_device)
+    from ..engine.run_folder import refuse_output_over_inputs
+    from ..data.io import ensure_writable
     from ..errors import ConfigError, DatasetError
 
     if not 0.0 <= args.alpha <= 1.0:
@@ -53,10 +56,13 @@ def run(args) -> int:
         raise DatasetError("no images to predict: " + "; ".join(f"{spec}: {why}" for spec, why in missing[:3]))
     for spec, reason in missing:
         print(f"segadapt predict: warning: skipped {spec}: {reason}", file=sys.stderr)
-    try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {args.out}: cannot create the output folder ({e.strerror or e})") from None
+    # no output replaces an input image (or the checkpoint), none lands in a folder read as input
+    refuse_output_over_inputs(
+        [Path(args.out)] + [Path(args.out) / f"{name}{suffix}" for _, name in images for suffix in OUTPUT_SUFFIXES],
+        [("input folder", s) for s in args.inputs if Path(s).is_dir()] + [("input", p) for p, _ in images]
+        + [("the checkpoint", resolve_checkpoint(args.checkpoint))], shown_as=args.out, inside_inputs=True)
+    # a read-only or misplaced --out fails here, before the model is loaded
+    ensure_writable(Path(args.out) / f"{images[0][1]}_trainid.png")
 
     model, cfg = load_segmenter(args.checkpoint, args.config)
     infer = infer_kwargs_from(cfg)

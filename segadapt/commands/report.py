@@ -23,10 +23,17 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from ..data.io import ensure_writable
     from ..engine.predictor import resolve_device
     from ..engine.report import build_report, find_runs, load_run, require_matplotlib
 
+    from ..engine.run_folder import refuse_output_over_inputs
+
     require_matplotlib()  # fail before any work
+    ensure_writable(Path(args.out) / "report.html")
+    refuse_output_over_inputs(args.out, [("run folder", r) for r in args.runs])
     device = resolve_device(args.device)
     runs = [load_run(p) for p in find_runs(args.runs)]
     written = build_report(runs, args.out, markdown=args.markdown, samples=args.samples, device=device,

@@ -73,22 +73,25 @@ def is_eval_split(kind: str, split: str, root: Path) -> bool:
 def _write_image(path: Path, array) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from segadapt.data.io import atomic_write
+
     ext = path.suffix.lower()
     im = Image.fromarray(array)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if ext in (".jpg", ".jpeg"):
-        im.save(tmp, format="JPEG", quality=95)
-    elif ext == ".bmp":
-        im.save(tmp, format="BMP")
-    else:
-        im.save(tmp, format="PNG")
-    os.replace(tmp, path)  # an interrupted run never leaves a half-written image
+    # all or nothing: an interrupted run or a full disk never leaves a half-written image
+    with atomic_write(path) as f:
+        if ext in (".jpg", ".jpeg"):
+            im.save(f, format="JPEG", quality=95)
+        elif ext == ".bmp":
+            im.save(f, format="BMP")
+        else:
+            im.save(f, format="PNG")
 
 
 def _copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+    from segadapt.data.io import atomic_write
+
+    with open(src, "rb") as fin, atomic_write(dst) as fout:
+        shutil.copyfileobj(fin, fout)
 
 
 class _ImageFiles:
@@ -200,6 +203,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from segadapt.data.datasets import RESTYLED_EVAL_MARKER
+    from segadapt.data.io import write_text_atomic
     from segadapt.errors import ConfigError
     from segadapt.models.adain import AdaINStylizer
     from segadapt.models.cut import generator_from_file
@@ -216,9 +220,13 @@ def run(args) -> int:
                           "`segadapt adain-train`) or --cut-generator (a CUT latest_net_G.pth), not both")
     if not root.is_dir():
         raise ConfigError(f"--root {root} is not a folder")
-    r_root, r_out = root.resolve(), out.resolve()
-    if r_out == r_root or r_root in r_out.parents or r_out in r_root.parents:
-        raise ConfigError(f"--out {out} must be outside --root {root} (and not contain it)")
+    from segadapt.engine.run_folder import refuse_output_over_inputs
+
+    refuse_output_over_inputs(out, [("--root", root), ("--style-dir", args.style_dir),
+                                    ("--target-root", args.target_root), ("--decoder", args.decoder),
+                                    ("--vgg", args.vgg), ("--cut-generator", args.cut_generator),
+                                    ("--mobilenet", None if args.mobilenet == "installed" else args.mobilenet)],
+                              inside_inputs=True, contains_inputs=True)
     eval_split = is_eval_split(args.data_kind, args.split, root)
     if eval_split and not args.include_eval:
         raise ConfigError(f"{args.data_kind} split {args.split!r} at {root} is the evaluation split; "
@@ -293,7 +301,8 @@ def run(args) -> int:
     }
     _record(out, run_info)
     if eval_split:
-        (out / RESTYLED_EVAL_MARKER).write_text(
+        write_text_atomic(
+            out / RESTYLED_EVAL_MARKER,
             f"This copy contains RESTYLED EVALUATION images ({args.data_kind} split {args.split} of {root}).\n"
             "Results evaluated on it are not comparable to the standard benchmark; say so when reporting them.\n")
     note = " (RANDOM encoder)" if style_info["random_encoder"] else ""
@@ -303,6 +312,8 @@ def run(args) -> int:
 
 def _record(out: Path, run_info: dict) -> None:
     """stylize.json: one entry per restyled split (runs into the same --out accumulate)."""
+    from segadapt.data.io import write_text_atomic
+
     path = out / SETTINGS_FILE
     data = {"runs": {}}
     if path.is_file():
@@ -314,6 +325,4 @@ def _record(out: Path, run_info: dict) -> None:
     data.setdefault("runs", {})[key] = run_info
     data["random_encoder"] = any(r.get("random_encoder") for r in data["runs"].values())
     data["includes_eval_split"] = any(r.get("eval_split") for r in data["runs"].values())
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from ..data.io import atomic_write
 from ..data.labels import PALETTE
 
 
@@ -37,6 +38,30 @@ class RunLogger:
 
                 raise ConfigError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.tb = SummaryWriter(str(self.out_dir / "tb"))
+
+    def drop_records_after(self, iteration: int) -> None:
+        """On resume: records past the checkpoint's iteration will be logged again, so drop them
+        (and a line torn by a kill) from metrics.jsonl; TensorBoard purges its events after it too."""
+        if not self.enabled:
+            return
+        path = self.out_dir / "metrics.jsonl"
+        self.metrics_file.close()
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("iteration", 0) <= iteration:
+                kept.append(line + "\n")
+        with atomic_write(path, "w") as f:
+            f.write("".join(kept))
+        self.metrics_file = open(path, "a")
+        if self.tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb.close()
+            self.tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=iteration + 1)
 
     def start(self, start_iter: int, total: int, progress: bool) -> None:
         if self.enabled and progress:

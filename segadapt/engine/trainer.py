@@ -32,9 +32,10 @@ from ..methods import build_method
 from ..models.checkpoints import load_pretrained
 from ..models.deeplabv2 import build_segmenter
 from . import distributed as dist_utils
-from .checkpoint import FORMAT, VERSION, atomic_save, load_checkpoint, rng_state, set_rng_state
-from .evaluator import evaluate, subsets_for
+from .checkpoint import FORMAT, VERSION, atomic_save, first_non_finite, load_checkpoint, rng_state, set_rng_state
+from .evaluator import evaluate, inference_options, subsets_for
 from .logging import RunLogger
+from .run_folder import prepare_run_folder
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,8 +89,7 @@ def build_eval_loader(cfg: Config, dataset=None, num_workers: Optional[int] = No
 
 
 def eval_kwargs(cfg: Config) -> dict:
-    infer = {"mode": cfg.eval.mode, "crop": cfg.eval.crop, "stride": cfg.eval.stride,
-             "scales": tuple(cfg.eval.scales), "flip": cfg.eval.flip}
+    infer = inference_options(cfg.eval)
     if cfg.eval.subsets == "none":
         subsets = {}
     elif cfg.eval.subsets == "synthia":
@@ -101,13 +101,29 @@ def eval_kwargs(cfg: Config) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: Optional[str] = None, progress: bool = True):
+    def __init__(self, cfg: Config, resume: Optional[str] = None, progress: bool = True, overwrite: bool = False):
         self.cfg = cfg
         self.device = dist_utils.init_from_env(cfg.train.device)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.is_main = self.rank == 0
         self.out_dir = Path(cfg.out_dir)
         self.progress = progress and self.is_main
+        # one process per run folder; a fresh run never lands on an existing one
+        self.run_lock = prepare_run_folder(self.out_dir, resume, overwrite) if self.is_main else None
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give the run folder free (the lock also drops when the process dies)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def _setup(self, resume: Optional[str]) -> None:
+        cfg = self.cfg
         tc = cfg.train
         if tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -142,10 +158,13 @@ class Trainer:
             kw = {"sampler_cls": custom[0], "sampler_kwargs": custom[1]} if custom else {}
             self.streams[domain] = DataStream(ds, bs, seed, tc.num_workers, self.rank, self.world, pin, **kw)
         self.start_iter = 0
+        self.last_good: Optional[int] = None  # iteration of the last checkpoint written (and checked finite)
         self.history: list[dict] = []
         self.logger = RunLogger(self.out_dir, cfg, enabled=self.is_main, tensorboard=tc.tensorboard)
         if resume is not None:
             self._restore(load_checkpoint(resume), resume)
+            self.last_good = self.start_iter or None
+            self.logger.drop_records_after(self.start_iter)
         else:
             # the method's one-off preparation (e.g. memory-bank initialisation)
             # only for fresh runs; its results live in the checkpoint
@@ -195,11 +214,37 @@ class Trainer:
         self.start_iter = int(ckpt["iteration"])
         self.history = list(ckpt.get("history", []))
 
+    def _named_state_tensors(self, state: dict):
+        """(name, tensor) for the weights, buffers and optimizer state in a checkpoint dict."""
+        for part in ("model", "method", "eval_model"):
+            for k, v in state.get(part, {}).items():
+                yield f"{part}.{k}", v
+        param_names = {id(p): n for n, p in self.method.named_parameters()}
+        for opt_name, o in self.optimizers.items():
+            params = [p for g in o.optimizer.param_groups for p in g["params"]]
+            for idx, slots in state["optimizers"][opt_name]["state"].items():
+                pname = param_names.get(id(params[idx]), f"parameter {idx}") if idx < len(params) else idx
+                for slot, v in slots.items():
+                    yield f"optimizer '{opt_name}' {slot} of {pname}", v
+
+    def _where_last_good(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint was written yet"
+        return f"last good checkpoint: {self.out_dir / 'last.pth'} (iteration {self.last_good})"
+
     def save(self, iteration: int, name: str = "last.pth") -> Optional[Path]:
+        """Write a checkpoint, only of a finite state: NaN/inf weights, buffers or optimizer state
+        stop the run and leave the previous good checkpoint in place."""
+        state = self.state_dict(iteration)
+        bad = first_non_finite(self._named_state_tensors(state))
+        if bad is not None:
+            raise TrainingError(f"non-finite {bad} at iteration {iteration}; run stopped, {self._where_last_good()}")
         if not self.is_main:
             return None
         path = self.out_dir / name
-        atomic_save(self.state_dict(iteration), path)
+        atomic_save(state, path)
+        if name == "last.pth":
+            self.last_good = iteration
         return path
 
     # ------------------------------------------------------------------ loop
@@ -208,13 +253,12 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _check_finite(self, sums: dict, it: int, last_good: Optional[int]) -> None:
+    def _check_finite(self, sums: dict, it: int) -> None:
         """One host sync per log interval (not per step) to catch NaN/inf losses."""
         bad = [k for k, v in sums.items() if not math.isfinite(float(v))]
         if bad:
-            where = (f"last good checkpoint: {self.out_dir / 'last.pth'} (iteration {last_good})"
-                     if last_good else "no checkpoint was written yet")
-            raise TrainingError(f"non-finite loss ({', '.join(bad)}) before iteration {it}; run stopped, {where}")
+            raise TrainingError(f"non-finite loss ({', '.join(bad)}) before iteration {it}; run stopped, "
+                                f"{self._where_last_good()}")
 
     def evaluate(self, iteration: int):
         dist_utils.broadcast_buffers(self.method)  # evaluate (and save) rank 0's model on every rank
@@ -256,7 +300,6 @@ class Trainer:
     def train(self):
         tc = self.cfg.train
         self.logger.start(self.start_iter, tc.iters, self.progress)
-        last_good = self.start_iter if self.start_iter > 0 else None
         sums: dict[str, torch.Tensor] = {}
         n_acc = 0
         t0 = time.time()
@@ -276,7 +319,7 @@ class Trainer:
                 done = it + 1
                 self.logger.step()
                 if done % tc.log_every == 0 or done == tc.iters or done % tc.ckpt_every == 0:
-                    self._check_finite(sums, done, last_good)
+                    self._check_finite(sums, done)
                     means = {k: float(v) / n_acc for k, v in sums.items()}
                     lrs = {f"lr_{k}": o.optimizer.param_groups[0]["lr"] for k, o in self.optimizers.items()}
                     self.logger.log_train(done, {**means, **lrs}, (time.time() - t0) / n_acc)
@@ -287,7 +330,6 @@ class Trainer:
                     self.method.train()
                 if done % tc.ckpt_every == 0 or done == tc.iters:
                     self.save(done)
-                    last_good = done
             if self.method.trains_segmenter:
                 result = self.evaluate(tc.iters)
             if self.is_main:
@@ -298,19 +340,26 @@ class Trainer:
                 (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1))
         except KeyboardInterrupt:
             self.logger.close()
-            where = f"{self.out_dir / 'last.pth'} (iteration {last_good})" if last_good else "none written yet"
+            where = (f"{self.out_dir / 'last.pth'} (iteration {self.last_good})" if self.last_good
+                     else "none written yet")
             raise TrainingError(f"interrupted; last checkpoint: {where}; continue with --resume") from None
         finally:
             self.logger.close()
             for s in self.streams.values():
                 s.close()
+            self.release()
         return result
 
 
-def train_from_config(cfg: Config, resume: Optional[str] = None, progress: bool = True):
-    trainer = Trainer(cfg, resume=resume, progress=progress)
+def train_from_config(cfg: Config, resume: Optional[str] = None, progress: bool = True, overwrite: bool = False):
+    """Train `cfg` into cfg.out_dir; a folder that holds a run needs `resume` (continue it) or
+    `overwrite` (replace it)."""
+    trainer = Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite)
     if trainer.is_main:
-        trainer.out_dir.mkdir(parents=True, exist_ok=True)
-        (trainer.out_dir / "config.yaml").write_text(dump_config(cfg))
+        try:
+            (trainer.out_dir / "config.yaml").write_text(dump_config(cfg))
+        except BaseException:
+            trainer.release()
+            raise
     return trainer.train()
 

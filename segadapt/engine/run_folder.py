@@ -1,0 +1,201 @@
+"""A run folder belongs to one run and one process at a time.
+
+- a fresh run refuses a folder that already holds a run (unless `--overwrite`);
+- an exclusive `flock` on `<run>/.lock` keeps a second process out (the OS
+  drops the lock when its holder dies, so a crash never leaves it stuck);
+- under the lock, temporary checkpoint files of a killed write are removed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ConfigError
+
+LOCK_NAME = ".lock"
+# files a training run writes; any of the first four marks a folder as holding a run
+RUN_MARKERS = ("last.pth", "final.pth", "metrics.jsonl", "config.yaml")
+RUN_FILES = RUN_MARKERS + ("history.json", "results.md", "results.csv", "results.json")
+CHECKPOINT_NAMES = ("last.pth", "final.pth")
+# the atomic writers (checkpoint.atomic_save, data.io.atomic_write) write `.<name>.<8 random>.tmp`
+TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def holds_run(folder: Path) -> bool:
+    return any((Path(folder) / name).exists() for name in RUN_MARKERS)
+
+
+class RunFolderLock:
+    """Exclusive lock on a run folder for the lifetime of one training process."""
+
+    def __init__(self, folder: Path):
+        import fcntl
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK_NAME
+        self._file = open(path, "a+")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            self._file = None
+            raise ConfigError(f"run folder {self.folder} is in use by {holder} "
+                              "(two runs cannot write one folder; wait for it or choose another out_dir)") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"segadapt pid {os.getpid()} on host {socket.gethostname()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
+
+
+def remove_orphan_temps(folder: Path) -> list[Path]:
+    """Temporary checkpoint files left by a killed write; call only while holding the folder's lock."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        if TEMP_NAME.match(p.name) and p.is_file():
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def prepare_run_folder(folder: Path, resume: Optional[str], overwrite: bool) -> RunFolderLock:
+    """Lock `folder`, refuse to start a fresh run over an existing one (or clear it with
+    `overwrite`), remove orphan temporary files. Returns the held lock."""
+    folder = Path(folder)
+    lock = RunFolderLock(folder)
+    try:
+        continues_here = resume is not None and _checkpoint_folder(resume) == folder.resolve()
+        if holds_run(folder) and not continues_here:
+            if not overwrite:
+                raise ConfigError(f"run folder {folder} already holds a run: continue it with --resume, "
+                                  "or replace it with --overwrite")
+            for name in RUN_FILES:
+                if (folder / name).is_file():
+                    (folder / name).unlink()
+            shutil.rmtree(folder / "tb", ignore_errors=True)
+        remove_orphan_temps(folder)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _checkpoint_folder(resume: str) -> Path:
+    p = Path(resume).resolve()
+    return p if p.is_dir() else p.parent
+
+
+# --------------------------------------------------------------------------- outputs vs inputs
+def refuse_output_over_inputs(outputs, inputs, option: str = "--out", *, shown_as=None, inside_inputs: bool = False,
+                              contains_inputs: bool = False) -> None:
+    """One line (ConfigError) when a command's output would replace what it reads or a run's record.
+
+    outputs: the path(s) the command writes (a file, or a folder it writes into), shown in the
+    message as `shown_as` (default: the output itself);
+    inputs: [(what, path)] the command reads (None entries are skipped).
+    Always refused: an output that resolves to an input, or that would replace an existing
+    checkpoint or record file of a run folder. `inside_inputs`: also refuse an output inside an
+    input folder; `contains_inputs`: also refuse an input inside an output folder.
+    """
+    if isinstance(outputs, (str, os.PathLike)):
+        outputs = [outputs]
+    by_resolved = {}  # resolved input -> (what, as given)
+    for what, p in inputs:
+        if p is not None:
+            by_resolved.setdefault(Path(p).resolve(), (what, p))
+    resolved_outputs = {}
+    for out in outputs:
+        r_out = Path(out).resolve()
+        resolved_outputs.setdefault(r_out, out)
+        name = f"{option} {shown_as if shown_as is not None else out}"
+        if r_out in by_resolved:
+            what, p = by_resolved[r_out]
+            raise ConfigError(f"{name} would write over {what} {p}: choose another output")
+        if inside_inputs:
+            for parent in r_out.parents:
+                if parent in by_resolved:
+                    what, p = by_resolved[parent]
+                    raise ConfigError(f"{name} is inside {what} {p}: choose an output outside it")
+        if r_out.is_file() and (r_out.name in CHECKPOINT_NAMES
+                                or (r_out.name in RUN_FILES and holds_run(r_out.parent))):
+            raise ConfigError(f"{name} would replace the run file {r_out}: choose another output")
+    if contains_inputs:
+        for r_in, (what, p) in by_resolved.items():
+            for parent in r_in.parents:
+                if parent in resolved_outputs:
+                    out = shown_as if shown_as is not None else resolved_outputs[parent]
+                    raise ConfigError(f"{option} {out} contains {what} {p}: choose an output outside it")
+
+
+# --------------------------------------------------------------------------- resume
+# Keys a resumed run may change: they do not alter its trajectory (logging, checkpoint and
+# evaluation cadence, workers, where the data and the run folder now live) or, for train.iters,
+# extend it. Any other override that differs from the checkpoint's config is refused.
+RESUME_MAY_CHANGE = (
+    "train.iters", "train.log_every", "train.eval_every", "train.ckpt_every", "train.num_workers",
+    "train.tensorboard", "train.device", "out_dir", "source.root", "target.root", "eval.data.root",
+    "synthetic.out", "synthetic.workers", "eval.batch_size",
+)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_config(resume: str, overrides: list[str], config: Optional[str], default_config: str):
+    """(Config, checkpoint path) for `train --resume [PATH]`: the checkpoint's own config plus
+    the overrides RESUME_MAY_CHANGE allows; refuses other changes and a `-c` of another method."""
+    from ..config import load_config
+    from .checkpoint import load_checkpoint
+
+    given = load_config(config or default_config, overrides) if (config or resume == "auto") else None
+    out_given = any(o.split("=", 1)[0].strip().lstrip("-") == "out_dir" for o in overrides)
+    if resume == "auto":
+        path = Path(given.out_dir) / "last.pth"
+    else:
+        path = Path(resume)
+        path = path / "last.pth" if path.is_dir() else path
+    ckpt = load_checkpoint(path)
+    ckpt_cfg, ckpt_iter = ckpt["config"], int(ckpt["iteration"])
+    del ckpt
+    recorded = load_config(None, [], base=ckpt_cfg)
+    if given is not None and config is not None:
+        if given.method.get("name") != recorded.method.get("name"):
+            raise ConfigError(f"checkpoint {path} was trained with method '{recorded.method.get('name')}', "
+                              f"-c {config} names '{given.method.get('name')}': resume without -c, or start a new run")
+        if given.name != recorded.name:
+            print(f"segadapt train: warning: --resume continues with the checkpoint's config '{recorded.name}', "
+                  f"not -c {config} ('{given.name}')", file=sys.stderr)
+    if not out_given and Path(recorded.out_dir).resolve() != path.resolve().parent:
+        # the run continues in the folder its checkpoint is in (it may have been moved)
+        overrides = [*overrides, f"out_dir={path.resolve().parent}"]
+    cfg = load_config(None, overrides, base=ckpt_cfg)
+    before, after = _flat(recorded.to_dict()), _flat(cfg.to_dict())
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) == after.get(key) or key in RESUME_MAY_CHANGE:
+            continue
+        raise ConfigError(f"--resume: {key} was {before.get(key)!r} in the checkpoint, {after.get(key)!r} given; "
+                          "a resumed run keeps its settings (only cadence, workers, paths and train.iters may "
+                          "change): start a new run to change it")
+    if cfg.train.iters < ckpt_iter:
+        raise ConfigError(f"--resume: train.iters={cfg.train.iters} is below the checkpoint's iteration {ckpt_iter}")
+    return cfg, str(path)

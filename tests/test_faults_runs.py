@@ -1,0 +1,199 @@
+"""Faults around run folders, through the command line: nothing lost, nothing silent.
+
+Run folders are never overwritten or shared, no command writes over its input or a
+checkpoint, a non-finite state is never checkpointed, and a resume does what it records.
+"""
+import fcntl
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from segadapt.cli import main
+from segadapt.engine.checkpoint import load_checkpoint
+from segadapt.methods.source_only import SourceOnly
+
+from .conftest import tiny_overrides
+
+
+def train(tiny_synth, out, *args, **extra):
+    return main(["train", "--no-progress", *args, *tiny_overrides(tiny_synth, out, **extra)])
+
+
+def error_line(capsys, code, *needles) -> str:
+    """The run failed with exit 2 and exactly one `segadapt ...: error:` line holding every needle."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("segadapt")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def iterations(run) -> list:
+    return [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def all_finite(ckpt: dict) -> bool:
+    tensors = [v for part in ("model", "method") for v in ckpt[part].values()]
+    tensors += [v for o in ckpt["optimizers"].values() for slots in o["state"].values() for v in slots.values()]
+    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+@pytest.fixture()
+def run2(tiny_synth, tmp_path):
+    """A finished 2-iteration run of our own (tests may try to damage it)."""
+    out = tmp_path / "run"
+    assert train(tiny_synth, out, **{"train.iters": 2, "train.ckpt_every": 2}) == 0
+    return out
+
+
+# ------------------------------------------------------------------ 1. run folders
+def test_fresh_train_into_a_run_refuses_and_overwrite_replaces_it(tiny_synth, run2, capsys):
+    before = {n: (run2 / n).read_bytes() for n in ("last.pth", "final.pth", "metrics.jsonl", "config.yaml")}
+    capsys.readouterr()
+    error_line(capsys, train(tiny_synth, run2, **{"train.iters": 2}), str(run2), "--resume", "--overwrite")
+    assert {n: (run2 / n).read_bytes() for n in before} == before
+    # --overwrite starts afresh: one run's records, not two appended
+    assert train(tiny_synth, run2, "--overwrite", **{"train.iters": 4, "train.ckpt_every": 4}) == 0
+    assert iterations(run2) == [2, 4, 4]  # train records at 2 and 4, the final eval at 4
+    assert load_checkpoint(run2)["iteration"] == 4
+    capsys.readouterr()
+    error_line(capsys, main(["train", "--resume", str(run2), "--overwrite"]), "--resume", "--overwrite")
+
+
+def test_a_second_process_cannot_share_a_run_folder(tiny_synth, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:  # another training process holds the folder
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        error_line(capsys, train(tiny_synth, out, **{"train.iters": 2}), "in use", str(out))
+    assert not (out / "metrics.jsonl").exists() and not (out / "last.pth").exists()
+    # a holder that died (killed) leaves no stuck lock
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(60)"), str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()
+    holder.wait()
+    assert train(tiny_synth, out, **{"train.iters": 2, "train.ckpt_every": 2}) == 0
+
+
+def test_orphan_temporary_checkpoints_are_removed_when_a_run_restarts(tiny_synth, run2):
+    orphan = run2 / ".last.pth.k1ll3d_x.tmp"  # what atomic_save leaves when killed mid-write
+    orphan.write_bytes(b"half a checkpoint")
+    other = run2 / ".notes.tmp"  # not an atomic-write name: not ours to remove
+    other.write_text("user file")
+    assert main(["train", "--no-progress", "--resume", str(run2), "train.iters=3"]) == 0
+    assert not orphan.exists() and other.exists()
+
+
+def test_metrics_jsonl_has_no_repeated_iterations_after_resume(tiny_synth, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    original = SourceOnly.training_step
+
+    def killed_in_5th(self, batch, it):
+        if it == 4:
+            raise KeyboardInterrupt
+        return original(self, batch, it)
+
+    monkeypatch.setattr(SourceOnly, "training_step", killed_in_5th)
+    error_line(capsys, train(tiny_synth, out), "interrupted", "iteration 3")
+    assert iterations(out) == [2, 3, 4]  # logged at 2 and 4, checkpoint at 3
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 5, "loss": 0.')  # a line torn by the kill
+    monkeypatch.setattr(SourceOnly, "training_step", original)
+    assert main(["train", "--no-progress", "--resume", str(out)]) == 0
+    # 4 came after the checkpoint at 3: it is logged once, by the resumed run
+    assert iterations(out) == [2, 3, 4, 6, 6]  # 6: the last train record and the final eval
+    assert [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/mIoU" in r]
+
+
+# ------------------------------------------------------------------ 1. outputs never over inputs
+def test_no_command_writes_over_its_input_or_a_checkpoint(tiny_synth, run2, tmp_path, capsys):
+    last, final = (run2 / "last.pth").read_bytes(), (run2 / "final.pth").read_bytes()
+    results = (run2 / "results.json").read_bytes()
+    capsys.readouterr()
+    cases = [
+        (["export", str(run2 / "last.pth"), "--format", "torchscript", "--out", str(run2 / "last.pth")], "would write over"),
+        # the folder resolves to final.pth; last.pth is the run's checkpoint all the same
+        (["export", str(run2), "--format", "torchscript", "--out", str(run2 / "last.pth")], "run file"),
+        (["test", str(run2), "--out", str(run2)], "run file"),
+        (["test", str(run2 / "final.pth"), "--out", str(run2 / "final.pth")], "would write over"),
+        (["report", str(run2), "--out", str(run2)], "would write over"),
+        (["adain-train", "--content-root", str(tiny_synth), "--style-root", str(tiny_synth),
+          "--vgg", str(run2 / "final.pth"), "--out", str(run2 / "final.pth")], "final.pth"),
+    ]
+    for argv, needle in cases:
+        error_line(capsys, main(argv), "--out", needle)
+    assert (run2 / "last.pth").read_bytes() == last and (run2 / "final.pth").read_bytes() == final
+    assert (run2 / "results.json").read_bytes() == results
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    src = sorted((tiny_synth / "target").rglob("*.png"))[0]
+    shutil.copy(src, images / "a.png")
+    shutil.copy(src, images / "a_color.png")  # a's colour output would replace this input
+    error_line(capsys, main(["predict", str(images), "--checkpoint", str(run2), "--out", str(images / "preds")]),
+               "inside input folder")
+    error_line(capsys, main(["predict", str(images / "a.png"), str(images / "a_color.png"), "--checkpoint", str(run2),
+                             "--out", str(images), "--no-progress"]), "would write over input", "a_color.png")
+    # an output beside its input that replaces nothing is fine
+    assert main(["predict", str(images / "a.png"), "--checkpoint", str(run2), "--out", str(images),
+                 "--no-progress"]) == 0
+    assert (images / "a_trainid.png").is_file() and (images / "a_color.png").read_bytes() != src.read_bytes()
+
+
+# ------------------------------------------------------------------ 3. non-finite state
+def test_non_finite_buffers_stop_the_run_and_keep_the_last_good_checkpoint(tiny_synth, tmp_path, capsys):
+    out = tmp_path / "run"
+    # an absurd learning rate: weights explode, BatchNorm's running variance overflows while the losses
+    # logged so far are still finite
+    code = train(tiny_synth, out, **{"optim.lr": 1e10, "train.ckpt_every": 1, "train.log_every": 1})
+    error_line(capsys, code, "non-finite model.bn1.running_var at iteration 3", "last.pth (iteration 2)")
+    ckpt = load_checkpoint(out)
+    assert ckpt["iteration"] == 2 and all_finite(ckpt)
+    assert not (out / "final.pth").exists() and not (out / "results.json").exists()
+
+
+def test_non_finite_optimizer_state_is_never_checkpointed(tiny_synth, tmp_path, capsys):
+    out = tmp_path / "run"
+    # an absurd loss weight: the loss stays finite, Adam's squared-gradient average does not
+    code = train(tiny_synth, out, "-c", "synthetic/minent", **{"method.entropy_weight_main": 1e37})
+    error_line(capsys, code, "non-finite optimizer 'segmenter' exp_avg_sq of model.", "at iteration 3",
+               "no checkpoint was written yet")
+    assert not (out / "last.pth").exists() and not (out / "final.pth").exists()
+
+
+# ------------------------------------------------------------------ 4. resume records what it does
+def test_resume_overrides_take_effect_or_are_refused(tiny_synth, run2, capsys):
+    recorded = (run2 / "config.yaml").read_text()
+    capsys.readouterr()
+    # a key that changes the trajectory: refused, naming it with both values; nothing recorded
+    error_line(capsys, main(["train", "--resume", str(run2), "optim.lr=0.5"]),
+               "optim.lr", "0.001", "0.5")
+    error_line(capsys, main(["train", "--resume", str(run2), "--seed", "7"]), "train.seed", "was 0", "7 given")
+    assert (run2 / "config.yaml").read_text() == recorded
+    # `--resume KEY=VALUE` is an override (with the config's own out_dir), not a checkpoint path
+    error_line(capsys, main(["train", "--resume", "optim.lr=0.5", f"out_dir={run2}"]), "optim.lr")
+    error_line(capsys, main(["train", "--resume", str(run2), "train.iters=1"]), "train.iters=1", "iteration 2")
+    # cadence and an extension take effect and are recorded
+    assert main(["train", "--no-progress", "--resume", "train.iters=4", "train.log_every=1", f"out_dir={run2}"]) == 0
+    cfg = yaml.safe_load((run2 / "config.yaml").read_text())
+    assert cfg["train"]["iters"] == 4 and cfg["train"]["log_every"] == 1 and cfg["optim"]["lr"] == 0.001
+    assert load_checkpoint(run2 / "final.pth")["iteration"] == 4
+    assert [i for i in iterations(run2) if i > 2] == [3, 4, 4]  # log_every=1 took effect (+ the final eval)
+
+
+def test_resume_with_a_config_of_another_method_is_refused(tiny_synth, run2, capsys):
+    capsys.readouterr()
+    error_line(capsys, main(["train", "-c", "synthetic/minent", "--resume", str(run2)]),
+               "source_only", "minent", "-c synthetic/minent")
+    # the same method under another config name continues with the checkpoint's config, said once
+    assert main(["train", "--no-progress", "-c", "synthetic/oracle", "--resume", str(run2), "train.iters=3"]) == 0
+    assert "warning: --resume continues with the checkpoint's config" in capsys.readouterr().err
