@@ -194,3 +194,18 @@ def test_resume_with_repeats_equals_uninterrupted(tiny_synth, tmp_path, monkeypa
     interrupted, got = kill_and_resume(monkeypatch, SourceOnly, cfg(tmp_path / "b"), 4, 3)
     assert interrupted["iteration"] == 3
     assert_resumed_run_equal(ref, got)
+
+
+def test_state_dict_loads_into_either_optimizer():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    ours = RepeatedSGD([{"params": list(lin.parameters())}], [[0, 0, 1]], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    lin(torch.randn(4, 3)).sum().backward()
+    ours.step()
+    plain = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9)
+    plain.load_state_dict(ours.state_dict())
+    plain.step()  # the groups carry every key torch's SGD reads
+    back = RepeatedSGD([{"params": list(lin.parameters())}], [[0, 0, 1]], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    back.load_state_dict(plain.state_dict())
+    assert back.visits == [[0, 0, 1]]
+    assert torch.equal(back.state[lin.weight]["momentum_buffer"], plain.state[lin.weight]["momentum_buffer"])

@@ -86,7 +86,9 @@ class RepeatedSGD(torch.optim.Optimizer):
 
     def __init__(self, param_groups: list[dict], visits: list[list[int]], lr: float, momentum: float,
                  weight_decay: float, decay_into_grad: bool = False):
-        super().__init__(param_groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        # dampening / nesterov: torch SGD's fixed values, so a checkpoint loads into either optimizer
+        super().__init__(param_groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, dampening=0.0,
+                                            nesterov=False))
         if len(visits) != len(self.param_groups):
             raise ValueError(f"{len(visits)} visit orders for {len(self.param_groups)} parameter groups")
         for order, group in zip(visits, self.param_groups):
