@@ -83,7 +83,7 @@ class OptimConfig:
     # steps it once per repeat, momentum included: the published ADVENT/CFContra numbers
     # were trained so (several times the nominal backbone lr). SGD only.
     param_list: str = "unique"  # unique | advent_repeated
-    # advent_repeated: add the weight decay into .grad in place as torch <= 1.0 SGD did
+    # advent_repeated: add the weight decay into .grad in place as torch 0.4's SGD did
     # (ADVENT ran torch 0.4.1), so a later repeat decays by the earlier repeats' weights too;
     # false: into a copy, as CFContra's torch 1.7.0 did
     decay_into_grad: bool = False

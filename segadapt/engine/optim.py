@@ -79,9 +79,9 @@ class RepeatedSGD(torch.optim.Optimizer):
     momentum buffers before its loop, so at the first step every repeat would start a fresh
     buffer: this class keeps the sequential semantics whatever the torch version.
 
-    `decay_into_grad`: d_p = p.grad += wd * p (torch <= 1.0, ADVENT's 0.4.1), so a later
+    `decay_into_grad`: d_p = p.grad += wd * p (torch 0.4, ADVENT's 0.4.1), so a later
     repeat also carries the earlier repeats' decay; otherwise d_p = p.grad + wd * p (a copy;
-    torch 1.1 - 1.7, CFContra's 1.7.0) and .grad is left as it was.
+    later torch such as CFContra's 1.7.0) and .grad is left as it was.
     """
 
     def __init__(self, param_groups: list[dict], visits: list[list[int]], lr: float, momentum: float,
