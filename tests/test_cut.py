@@ -7,6 +7,7 @@ import torch.nn.functional as nnf
 from segadapt.config import load_config
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import CheckpointError, ConfigError
+from segadapt.methods.cut import CUTSettings, cut_optimizers, step_discriminator
 from segadapt.models.cut import (
     BlurDownsample,
     BlurUpsample,
@@ -243,6 +244,38 @@ def test_generator_and_discriminator_losses_reach_only_their_networks():
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(got, ref))
 
 
+def test_discriminator_steps_before_the_generator_gan_term():
+    """CUT's order: D's Adam step on this iteration's fake, then G's GAN term against the new D."""
+    m = tiny_cut()
+    lr = 0.01
+    opt = cut_optimizers(m, CUTSettings(lr=lr))["discriminator"]
+    torch.manual_seed(1)
+    x_s, x_t = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    d_old = [p.detach().clone() for p in m.D.parameters()]
+    seen = {}
+
+    def d_step(fake):
+        d = m.discriminator_loss(fake, x_t)
+        g = torch.autograd.grad(d["loss_D_fake"] + d["loss_D_real"], list(m.D.parameters()))
+        seen["grads"], seen["fake"] = g, fake.detach()
+        with torch.no_grad():
+            seen["old_gan"] = lsgan_loss(m.D(fake), True)
+        return step_discriminator(m, opt, fake, x_t, it=0)
+
+    g, fake = m.generator_losses(x_s, x_t, before_gan=d_step)
+    assert {"d_loss_fake", "d_loss_real", "loss_G_GAN"} <= set(g) and "loss_D_fake" not in g
+    # Adam's first step: p - lr * m_hat / (sqrt(v_hat) + eps) = p - lr * g / (|g| + 1e-8)
+    for p, p0, grad in zip(m.D.parameters(), d_old, seen["grads"]):
+        assert torch.allclose(p, p0 - lr * grad / (grad.abs() + 1e-8), atol=1e-7)
+        assert p.grad is None
+    with torch.no_grad():
+        new_gan = lsgan_loss(m.D(seen["fake"]), True)
+    assert g["loss_G_GAN"].item() == pytest.approx(new_gan.item(), rel=1e-6)
+    assert abs(new_gan.item() - seen["old_gan"].item()) > 1e-4  # the updated D, not the old one
+    g["loss_G_GAN"].backward()  # the GAN term still reaches G only
+    assert all(x is None for x in grads(m.D)) and any(x is not None for x in grads(m.G))
+
+
 # --------------------------------------------------------------------------- files
 def test_save_load_round_trip(tmp_path):
     a, b = tiny_cut(), tiny_cut()
@@ -312,22 +345,37 @@ def test_method_config_errors_name_the_key(tiny_synth, tmp_path):
     cfg = load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path, **{"method.init_from": str(tmp_path / "x")}))
     with pytest.raises(ConfigError, match=r"^method\.init_from"):
         build_method(cfg, build_segmenter(cfg.model))
+    cfg = load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path, **{"method.d_step": "later"}))
+    with pytest.raises(ConfigError, match=r"^method\.d_step: 'later' is not one of first, joint"):
+        build_method(cfg, build_segmenter(cfg.model))
+
+
+def test_joint_d_step_keeps_the_one_backward_variant(tiny_synth, tmp_path):
+    trainer = Trainer(load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path / "run",
+                                                                 **{"method.d_step": "joint"})), progress=False)
+    assert set(trainer.optimizers) == {"generator", "discriminator", "patch_sampler"}
+    batch = {d: {"image": torch.rand(1, 3, 32, 32)} for d in ("source", "target")}
+    out = trainer.method.training_step(batch, 0)
+    assert {"loss_G_GAN", "loss_NCE", "loss_D_fake", "loss_D_real"} <= set(out)
 
 
 def test_tiny_cut_training_through_the_trainer(tiny_synth, tmp_path):
     out = tmp_path / "run"
     trainer = Trainer(load_config("synthetic/cut", cut_overrides(tiny_synth, out)), progress=False)
-    assert set(trainer.optimizers) == {"generator", "discriminator", "patch_sampler"}
+    assert set(trainer.optimizers) == {"generator", "patch_sampler"}  # D steps in the forward pass
     method = trainer.method
     g0 = {k: v.clone() for k, v in method.cut.G.state_dict().items()}
+    d0 = [p.detach().clone() for p in method.cut.D.parameters()]
     seg0 = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     assert trainer.train() is None  # no segmentation evaluation
     g1 = method.cut.G.state_dict()
     assert any(not torch.equal(g0[k], g1[k]) for k in g0 if not k.endswith(".filt"))
     assert all(torch.equal(seg0[k], v) for k, v in trainer.model.state_dict().items())
     assert not (out / "results.json").exists()
+    assert any(not torch.equal(a, b) for a, b in zip(d0, method.cut.D.parameters()))
     ckpt = torch.load(out / "final.pth", weights_only=False)
     assert ckpt["iteration"] == 3 and "cut.G.model.1.weight" in ckpt["method"]
+    assert ckpt["method_extra"]["cut_discriminator_optimizer"]["state"]  # D's Adam moments saved
 
     method.on_train_end(out)  # the trainer's end-of-training hook
     fresh = tiny_cut(nce_dim=16)

@@ -4,7 +4,8 @@ pixel-to-prototype contrast, on DAFormer's self-training core.
 
 Stage 1, per iteration t (one backward; detaches route each loss to its networks):
   1. x_s2t = G(x_s) keeps its graph to G; CUT's GAN + PatchNCE (+ identity) losses for
-     G and F, the halved LSGAN loss for D on the detached fake;
+     G and F; D's halved LSGAN loss on the detached fake, by default (cut.d_step first, CUT's
+     order) with its own backward and step here, before the GAN term, which sees the updated D;
   2. teacher pseudo-labels on x_t with the weight q; ClassMix of stopgrad(x_s2t) onto x_t;
   3. prototype update without gradient from the EMA head's raw projection of x_mix: the top-k
      pixels per class by weight, source pixels with uniform weights (random ties) up to
@@ -37,7 +38,7 @@ from ..models.cut import CUT_FILES, ResnetGenerator, from_cut_range, load_cut_we
 from . import register_method
 from .augment import present_classes
 from .base import segmentation_loss
-from .cut import CUTSettings, build_cut_model, check_cut_settings, cut_optimizers, load_cut_folder
+from .cut import CUTSettings, DiscriminatorFirst, build_cut_model, check_cut_settings, cut_optimizers, load_cut_folder
 from .feature_distance import feature_distance_mask, masked_feature_distance
 from .losses import resize_labels
 from .minent import nested_config
@@ -273,6 +274,7 @@ class Confeti(DAFormer):
             protos = torch.zeros(c, m.proj_dim)
         self.register_buffer("prototypes", protos)
         self.register_buffer("prototype_seen", torch.full((c,), m.proto_init == "random"))
+        self.d_first = DiscriminatorFirst() if m.stage == 1 and m.cut.d_step == "first" else None
         if m.stage == 1:
             self.cut = build_cut_model(m.cut)
             if m.stylizer:
@@ -332,7 +334,20 @@ class Confeti(DAFormer):
                 return poly_warmup_factor(it, horizon, o.poly_power) if m.stylizer_poly else 1.0
 
             opts.update(cut_optimizers(self.cut, m.cut, m.stylizer_optimizer, m.stylizer_weight_decay, factor))
+            if self.d_first is not None:
+                self.d_first.take(opts)
         return opts
+
+    def extra_state_dict(self) -> dict:
+        state = super().extra_state_dict()
+        if self.d_first is not None:
+            state.update(self.d_first.state_dict())
+        return state
+
+    def load_extra_state_dict(self, state: dict) -> None:
+        super().load_extra_state_dict(state)
+        if self.d_first is not None:
+            self.d_first.load_state_dict(state)
 
     # ------------------------------------------------------------------ prototypes
     @torch.no_grad()
@@ -404,10 +419,14 @@ class Confeti(DAFormer):
         losses: dict = {}
         # 1. stylise (and CUT's own losses when G trains)
         if self.trains_stylizer:
-            cut_in_t = to_cut_range(x_t)
-            g_losses, fake = self.cut.generator_losses(to_cut_range(x_s), cut_in_t)
-            losses.update(g_losses)
-            losses.update(self.cut.discriminator_loss(fake, cut_in_t))
+            cut_in_s, cut_in_t = to_cut_range(x_s), to_cut_range(x_t)
+            if self.d_first is not None:  # D stepped before the GAN term (CUT's order)
+                g_losses, fake = self.d_first.losses(self.cut, cut_in_s, cut_in_t, it)
+                losses.update(g_losses)
+            else:  # d_step joint: D's loss in the trainer's one backward
+                g_losses, fake = self.cut.generator_losses(cut_in_s, cut_in_t)
+                losses.update(g_losses)
+                losses.update(self.cut.discriminator_loss(fake, cut_in_t))
             x_s2t = from_cut_range(fake)
         else:
             with torch.no_grad():

@@ -3,9 +3,13 @@
 Learns G: source style -> target style with CUT's objectives (LSGAN + PatchNCE
 with the identity term on target images). The segmenter is not used and not
 changed; the trainer skips segmentation evaluation (`trains_segmenter = False`).
-One backward per step: the discriminator terms see detached fakes, and the
-generator's GAN term sees D with detached parameters, so each loss only
-reaches its own networks. At the end of training the run folder gets
+The discriminator terms see detached fakes and the generator's GAN term sees D
+with detached parameters, so each loss only reaches its own networks. D is
+updated in CUT's order (`d_step: first`, see `step_discriminator`): its own
+backward and Adam step on this iteration's fake before G's GAN term is computed,
+so G trains against the updated D; `d_step: joint` sums D's loss into the
+trainer's one backward instead (G's term then sees D before its step). At the
+end of training the run folder gets
 ``latest_net_G.pth`` / ``latest_net_D.pth`` / ``latest_net_F.pth`` in CUT's
 own format (``on_train_end``), the starting point of CONFETI's stage 1.
 """
@@ -17,11 +21,15 @@ from typing import Optional
 
 import torch
 
+from ..engine import distributed as dist_utils
 from ..engine.optim import ScheduledOptimizer
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from ..models.cut import CUTModel, ResnetGenerator, to_cut_range
 from . import register_method
 from .base import MethodConfig, UDAMethod
+
+
+D_STEPS = ("first", "joint")
 
 
 def constant_lr(it: int) -> float:
@@ -47,6 +55,65 @@ class CUTSettings:
     lr: float = 2.0e-4  # Adam for G, D and F, constant
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     init_gain: float = 0.02  # Xavier-normal gain of the initialisation
+    # first: D's backward and step on the detached fake before G's GAN term, which then sees the
+    # updated D (CUT's optimize_parameters); joint: D's loss in the trainer's one backward, G's
+    # GAN term sees D before its step
+    d_step: str = "first"
+
+
+def step_discriminator(cut: CUTModel, optimizer: ScheduledOptimizer, fake: torch.Tensor, real: torch.Tensor,
+                       it: int) -> dict:
+    """CUT's D update inside the trainer's step: 0.5 * (LSGAN(D(stopgrad(fake)), 0) + LSGAN(D(real), 1)),
+    its own backward (into D only, in fp32 so no loss scaling is needed; averaged over DDP
+    ranks by hand) and an optimizer step, now, so that the GAN term computed next sees the
+    updated D. `optimizer` is D's and is not the trainer's (the method checkpoints it). Returns the
+    two terms for logging, under names the trainer does not sum into its objective."""
+    optimizer.set_iteration(it)
+    params = [p for p in cut.D.parameters() if p.requires_grad]
+    with torch.autocast(fake.device.type, enabled=False):
+        d = cut.discriminator_loss(fake.float(), real.float())
+        grads = torch.autograd.grad(d["loss_D_fake"] + d["loss_D_real"], params)
+    world = dist_utils.world_size()
+    for p, g in zip(params, grads):
+        if world > 1:  # autograd.grad bypasses DDP's gradient hooks
+            torch.distributed.all_reduce(g)
+            g = g / world
+        p.grad = g
+    optimizer.optimizer.step()
+    optimizer.optimizer.zero_grad(set_to_none=True)
+    return {"d_loss_fake": d["loss_D_fake"].detach(), "d_loss_real": d["loss_D_real"].detach()}
+
+
+class DiscriminatorFirst:
+    """What a method needs for `d_step: first`: D's optimizer held apart from the trainer's (it
+    steps inside the forward pass) and checkpointed through the method's extra state."""
+
+    STATE_KEY = "cut_discriminator_optimizer"
+
+    def __init__(self):
+        self.optimizer: Optional[ScheduledOptimizer] = None
+
+    def take(self, optimizers: dict) -> dict:
+        """Remove D's optimizer from `optimizers` (the trainer's) and keep it here."""
+        self.optimizer = optimizers.pop("discriminator")
+        return optimizers
+
+    def losses(self, cut: CUTModel, x_src: torch.Tensor, x_tgt: torch.Tensor, it: int):
+        """generator_losses with D updated first on this iteration's fake: (losses, fake)."""
+        if self.optimizer is None:
+            raise TrainingError("CUT d_step=first: build_optimizers() must run before training_step")
+        return cut.generator_losses(x_src, x_tgt,
+                                    before_gan=lambda fake: step_discriminator(cut, self.optimizer, fake, x_tgt, it))
+
+    def state_dict(self) -> dict:
+        return {self.STATE_KEY: self.optimizer.optimizer.state_dict()} if self.optimizer is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.optimizer is None:
+            return
+        if self.STATE_KEY not in state:
+            raise KeyError("no CUT discriminator optimizer state in the method's extra state (a d_step=joint run?)")
+        self.optimizer.optimizer.load_state_dict(state[self.STATE_KEY])
 
 
 def build_cut_model(s: CUTSettings) -> CUTModel:
@@ -79,6 +146,9 @@ class CUTPretraining(UDAMethod):
         # the segmenter is carried along untouched (no gradients, so DDP does not wait for any)
         self.model.requires_grad_(False)
         self.cut = build_cut_model(mcfg)
+        self.d_first = DiscriminatorFirst() if mcfg.d_step == "first" else None
+        # d_step first: D gets no gradient from the trainer's backward
+        self.find_unused_parameters = self.d_first is not None
         if mcfg.init_from:
             folder = Path(mcfg.init_from)
             if not folder.is_dir():
@@ -88,13 +158,21 @@ class CUTPretraining(UDAMethod):
     def training_step(self, batch: dict, it: int) -> dict:
         x_src = to_cut_range(batch["source"]["image"])
         x_tgt = to_cut_range(batch["target"]["image"])
+        if self.d_first is not None:
+            return self.d_first.losses(self.cut, x_src, x_tgt, it)[0]
         g_losses, fake = self.cut.generator_losses(x_src, x_tgt)
         return {**g_losses, **self.cut.discriminator_loss(fake, x_tgt)}
 
     def build_optimizers(self) -> dict[str, ScheduledOptimizer]:
-        m = self.mcfg
+        opts = cut_optimizers(self.cut, self.mcfg)
+        return self.d_first.take(opts) if self.d_first is not None else opts
 
-        return cut_optimizers(self.cut, m)
+    def extra_state_dict(self) -> dict:
+        return self.d_first.state_dict() if self.d_first is not None else {}
+
+    def load_extra_state_dict(self, state: dict) -> None:
+        if self.d_first is not None:
+            self.d_first.load_state_dict(state)
 
     def export_weights(self, out_dir) -> dict:
         """Write latest_net_G/D/F.pth (CUT's format) into `out_dir`; returns {part: path}."""
@@ -130,6 +208,8 @@ def check_cut_settings(m: CUTSettings, prefix: str = "method.") -> None:
         bad("nce_temperature", f"must be > 0, got {m.nce_temperature}")
     if m.lr <= 0:
         bad("lr", f"must be > 0, got {m.lr}")
+    if m.d_step not in D_STEPS:
+        bad("d_step", f"'{m.d_step}' is not one of {', '.join(D_STEPS)}")
     if len(m.betas) != 2 or not all(0 <= b < 1 for b in m.betas):
         bad("betas", f"must be two numbers in [0, 1), got {m.betas}")
     n_layers = len(ResnetGenerator(ngf=1, n_blocks=m.n_blocks).model)

@@ -256,7 +256,8 @@ class CUTModel(nn.Module):
     PatchNCE(x_src, G(x_src)), plus the identity term PatchNCE(x_tgt, G(x_tgt))
     when ``nce_idt`` (then NCE = 0.5 * (src + idt)). ``fake`` keeps its graph to G.
     ``discriminator_loss(fake, real)``: 0.5 * (LSGAN(D(fake), 0) + LSGAN(D(real), 1)),
-    with ``fake`` detached. Both can be summed into one backward.
+    with ``fake`` detached. Both can be summed into one backward; or, CUT's order, D is
+    updated in ``generator_losses``' ``before_gan`` hook, so the GAN term sees the updated D.
     """
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, ndf: int = 64, n_layers_d: int = 3,
@@ -288,7 +289,9 @@ class CUTModel(nn.Module):
         losses = [patch_nce_loss(q, k, self.nce_temperature) for q, k in zip(queries, keys)]
         return self.lambda_nce * torch.stack(losses).mean()
 
-    def generator_losses(self, x_src: torch.Tensor, x_tgt: Optional[torch.Tensor] = None):
+    def generator_losses(self, x_src: torch.Tensor, x_tgt: Optional[torch.Tensor] = None, before_gan=None):
+        """`before_gan(fake) -> dict`: called once G has run and before D scores the fake for
+        the GAN term (CUT's order: D's update goes there); its entries join the losses."""
         n = x_src.shape[0]
         idt = self.nce_idt and x_tgt is not None
         real = torch.cat([x_src, x_tgt]) if idt else x_src
@@ -296,7 +299,7 @@ class CUTModel(nn.Module):
         # features of the real images are PatchNCE's keys
         fake_all, feats_real = self.G.forward_features(real, self.nce_layers)
         fake = fake_all[:n]
-        losses = {}
+        losses = dict(before_gan(fake)) if before_gan is not None else {}
         d_params = {k: p.detach() for k, p in self.D.named_parameters()}
         losses["loss_G_GAN"] = self.lambda_gan * lsgan_loss(functional_call(self.D, d_params, (fake,)), True)
         if self.lambda_nce > 0:
