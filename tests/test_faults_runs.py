@@ -197,3 +197,13 @@ def test_resume_with_a_config_of_another_method_is_refused(tiny_synth, run2, cap
     # the same method under another config name continues with the checkpoint's config, said once
     assert main(["train", "--no-progress", "-c", "synthetic/oracle", "--resume", str(run2), "train.iters=3"]) == 0
     assert "warning: --resume continues with the checkpoint's config" in capsys.readouterr().err
+
+
+def test_a_run_folder_is_never_a_data_root_and_overwrite_keeps_its_inputs(tiny_synth, run2, tmp_path, capsys):
+    capsys.readouterr()
+    error_line(capsys, train(tiny_synth, tiny_synth / "target", **{"train.iters": 2}),
+               "out_dir", "would write over target.root")
+    # --overwrite would clear the weights the new run starts from
+    error_line(capsys, train(tiny_synth, run2, "--overwrite", "--pretrained", str(run2 / "final.pth")),
+               "--overwrite would delete model.pretrained", "final.pth")
+    assert (run2 / "final.pth").is_file() and (run2 / "last.pth").is_file()

@@ -70,10 +70,12 @@ def remove_orphan_temps(folder: Path) -> list[Path]:
     return removed
 
 
-def prepare_run_folder(folder: Path, resume: Optional[str], overwrite: bool) -> RunFolderLock:
+def prepare_run_folder(folder: Path, resume: Optional[str], overwrite: bool, inputs=()) -> RunFolderLock:
     """Lock `folder`, refuse to start a fresh run over an existing one (or clear it with
-    `overwrite`), remove orphan temporary files. Returns the held lock."""
+    `overwrite`), remove orphan temporary files. Returns the held lock.
+    inputs: [(what, path)] the run reads (weights, data roots): never cleared, never the folder."""
     folder = Path(folder)
+    refuse_output_over_inputs(folder, inputs, "out_dir")
     lock = RunFolderLock(folder)
     try:
         continues_here = resume is not None and _checkpoint_folder(resume) == folder.resolve()
@@ -81,6 +83,10 @@ def prepare_run_folder(folder: Path, resume: Optional[str], overwrite: bool) -> 
             if not overwrite:
                 raise ConfigError(f"run folder {folder} already holds a run: continue it with --resume, "
                                   "or replace it with --overwrite")
+            for what, p in inputs:
+                if p is not None and Path(p).resolve().parent == folder.resolve() and Path(p).name in RUN_FILES:
+                    raise ConfigError(f"--overwrite would delete {what} {p} before the run reads it: "
+                                      "copy it out of the run folder first")
             for name in RUN_FILES:
                 if (folder / name).is_file():
                     (folder / name).unlink()
@@ -104,7 +110,7 @@ def refuse_output_over_inputs(outputs, inputs, option: str = "--out", *, shown_a
 
     outputs: the path(s) the command writes (a file, or a folder it writes into), shown in the
     message as `shown_as` (default: the output itself);
-    inputs: [(what, path)] the command reads (None entries are skipped).
+    inputs: [(what, path)] the command reads (None and empty entries are skipped).
     Always refused: an output that resolves to an input, or that would replace an existing
     checkpoint or record file of a run folder. `inside_inputs`: also refuse an output inside an
     input folder; `contains_inputs`: also refuse an input inside an output folder.
@@ -113,7 +119,7 @@ def refuse_output_over_inputs(outputs, inputs, option: str = "--out", *, shown_a
         outputs = [outputs]
     by_resolved = {}  # resolved input -> (what, as given)
     for what, p in inputs:
-        if p is not None:
+        if p is not None and str(p) != "":
             by_resolved.setdefault(Path(p).resolve(), (what, p))
     resolved_outputs = {}
     for out in outputs:

@@ -109,7 +109,10 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.progress = progress and self.is_main
         # one process per run folder; a fresh run never lands on an existing one
-        self.run_lock = prepare_run_folder(self.out_dir, resume, overwrite) if self.is_main else None
+        reads = [("train.init_from", cfg.train.init_from), ("model.pretrained", cfg.model.pretrained),
+                 ("source.root", cfg.source.root), ("target.root", cfg.target.root),
+                 ("eval.data.root", cfg.eval.data.root)]
+        self.run_lock = prepare_run_folder(self.out_dir, resume, overwrite, reads) if self.is_main else None
         try:
             self._setup(resume)
         except BaseException:
@@ -219,6 +222,15 @@ class Trainer:
         for part in ("model", "method", "eval_model"):
             for k, v in state.get(part, {}).items():
                 yield f"{part}.{k}", v
+        stack = [("method_extra", state.get("method_extra", {}))]
+        while stack:  # nested dicts/lists of tensors (e.g. a lazily built discriminator)
+            prefix, obj = stack.pop(0)
+            if isinstance(obj, dict):
+                stack += [(f"{prefix}.{k}", v) for k, v in obj.items()]
+            elif isinstance(obj, (list, tuple)):
+                stack += [(f"{prefix}.{i}", v) for i, v in enumerate(obj)]
+            else:
+                yield prefix, obj
         param_names = {id(p): n for n, p in self.method.named_parameters()}
         for opt_name, o in self.optimizers.items():
             params = [p for g in o.optimizer.param_groups for p in g["params"]]
