@@ -187,7 +187,14 @@ def test_resume_overrides_take_effect_or_are_refused(tiny_synth, run2, capsys):
     cfg = yaml.safe_load((run2 / "config.yaml").read_text())
     assert cfg["train"]["iters"] == 4 and cfg["train"]["log_every"] == 1 and cfg["optim"]["lr"] == 0.001
     assert load_checkpoint(run2 / "final.pth")["iteration"] == 4
-    assert [i for i in iterations(run2) if i > 2] == [3, 4, 4]  # log_every=1 took effect (+ the final eval)
+    # log_every=1 took effect; the first run's final evaluation at 2 came after its checkpoint: done again at 4
+    assert iterations(run2) == [2, 3, 4, 4]
+    assert [h["iteration"] for h in json.loads((run2 / "history.json").read_text())] == [4]
+    # resuming an ended run (from either checkpoint) repeats its final evaluation, not the records
+    for ckpt in ("last.pth", "final.pth"):
+        assert main(["train", "--no-progress", "--resume", str(run2 / ckpt)]) == 0
+        assert iterations(run2) == [2, 3, 4, 4]
+        assert [h["iteration"] for h in json.loads((run2 / "history.json").read_text())] == [4]
 
 
 def test_resume_with_a_config_of_another_method_is_refused(tiny_synth, run2, capsys):
@@ -207,3 +214,19 @@ def test_a_run_folder_is_never_a_data_root_and_overwrite_keeps_its_inputs(tiny_s
     error_line(capsys, train(tiny_synth, run2, "--overwrite", "--pretrained", str(run2 / "final.pth")),
                "--overwrite would delete model.pretrained", "final.pth")
     assert (run2 / "final.pth").is_file() and (run2 / "last.pth").is_file()
+
+
+def test_prepare_never_writes_its_statistics_over_another_file(tiny_synth, tmp_path, capsys):
+    root = tmp_path / "target"
+    shutil.copytree(tiny_synth / "target", root)
+    label = sorted(root.rglob("*_gtFine_labelIds.png"))[0]
+    before = label.read_bytes()
+    capsys.readouterr()
+    error_line(capsys, main(["prepare", "--kind", "cityscapes", "--root", str(root), "--split", "train",
+                             "--out", str(label), "--no-progress", "--workers", "0"]),
+               "exists and is not a class-statistics file")
+    error_line(capsys, main(["prepare", "--kind", "cityscapes", "--root", str(root), "--out", str(root)]),
+               "would write over --root")
+    assert label.read_bytes() == before
+    assert main(["prepare", "--kind", "cityscapes", "--root", str(root), "--split", "train",
+                 "--out", str(tmp_path / "stats.json"), "--no-progress", "--workers", "0"]) == 0

@@ -7,7 +7,9 @@ counts the pixels of every class in every label.
 The statistics file is what rare class sampling (method `daformer`) reads; for a
 read-only root write it elsewhere with `--out FILE` and set `method.rcs_stats=FILE`.
 Problems (missing labels, labels without images, image/label size mismatches,
-unknown label ids, unreadable files) are listed and make the command exit with 2.
+unknown label ids, unreadable or truncated files: every image and label is
+decoded in full, labels that cannot hold exact ids: JPEG or blended, see
+`lossy_label_reason`) are listed and make the command exit with 2.
 """
 from __future__ import annotations
 
@@ -72,14 +74,19 @@ class _ReadLabels:
         from ..errors import DatasetError
 
         image, label = self.pairs[i]
-        out = {"i": i, "error": None, "unknown": [], "counts": None, "label_wh": None, "image_wh": None}
+        out = {"i": i, "error": None, "unknown": [], "counts": None, "label_wh": None, "image_wh": None,
+               "lossy": None}
         try:
             raw = self.dataset._read_label_raw(label)
             out["label_wh"] = (raw.shape[1], raw.shape[0])
-            out["image_wh"] = tuple(io.image_size(image))
+            # every pixel decoded (a header read passes a truncated file that later stops training)
+            pixels = io.read_image(image)
+            out["image_wh"] = (pixels.shape[1], pixels.shape[0])
+            del pixels
         except DatasetError as e:
             out["error"] = str(e)
             return out
+        out["lossy"] = lossy_label_reason(label, raw)
         lut = self.dataset._lut_for(label)
         mapped = lut[raw]
         invalid = mapped == INVALID
@@ -89,6 +96,40 @@ class _ReadLabels:
         out["counts"] = label_class_counts(mapped, self.num_classes).tolist()
         out["bytes"] = os.path.getsize(label)
         return out
+
+
+#: a clean id map changes id between two classes; lossy compression (JPEG) or a smooth
+#: resize blends neighbouring ids, so an id change often passes through intermediate ids
+LOSSY_BLEND_SHARE = 0.15
+LOSSY_MIN_BLENDED = 100  # pixels: tiny labels never trip the rule on a handful of pixels
+
+
+def lossy_label_reason(path, raw) -> Optional[str]:
+    """Why the label map `raw` read from `path` cannot hold exact ids, or None.
+
+    A JPEG file is lossy whatever its name. For any other file: across every 3-pixel
+    run (rows and columns) whose ends differ, count the middle pixels whose id lies
+    strictly between the ends' ids. Clean maps (Cityscapes, GTA5-style renders, the
+    synthetic benchmark) stay under ~5% (three classes in a row, ordered by id); a
+    JPEG-saved map is above 15% even at quality 95, as is a bilinearly resized one.
+    Near-lossless JPEG (quality 100) may pass.
+    """
+    import numpy as np
+
+    with open(path, "rb") as f:
+        if f.read(3) == b"\xff\xd8\xff":
+            return "is a JPEG file: lossy compression changes ids at every edge; save labels as PNG"
+    ids = raw.astype(np.int32)
+    blended = ends_differ = 0
+    for a in (ids, ids.T):
+        left, mid, right = a[:, :-2], a[:, 1:-1], a[:, 2:]
+        blended += int(np.count_nonzero(((left < mid) & (mid < right)) | ((left > mid) & (mid > right))))
+        ends_differ += int(np.count_nonzero(left != right))
+    share = blended / max(ends_differ, 1)
+    if blended >= LOSSY_MIN_BLENDED and share >= LOSSY_BLEND_SHARE:
+        return (f"looks lossy-compressed or smoothly resized: {100 * share:.0f}% of its id changes pass through "
+                f"an intermediate id (clean label maps: under 5%); re-export it losslessly (PNG, nearest resize)")
+    return None
 
 
 def _exists_in(listing_cache: dict, path: Path) -> bool:
@@ -165,6 +206,8 @@ def scan(kind: str, root: str, split: Optional[str] = None, list_file: Optional[
         if item["label_wh"] != item["image_wh"]:
             (lw, lh), (iw, ih) = item["label_wh"], item["image_wh"]
             res.problem("size mismatch", f"label {rel(label)} is {lw}x{lh} but image {rel(image)} is {iw}x{ih}")
+        if item["lossy"]:
+            res.problem("lossy label", f"label {rel(label)} {item['lossy']}")
         if item["unknown"]:
             ids = ", ".join(map(str, item["unknown"]))
             res.problem("unknown label ids", f"label {rel(label)} holds ids {ids}, not in the {kind} label map")
@@ -208,9 +251,20 @@ def report(res: ScanResult) -> str:
 
 
 def run(args) -> int:
+    from ..data.io import ensure_writable
     from ..data.rcs import STATS_FILE, read_class_stats, write_class_stats
-    from ..errors import DatasetError
+    from ..engine.run_folder import refuse_output_over_inputs
+    from ..errors import ConfigError, DatasetError
 
+    if args.out and not args.check:  # before the (long) scan
+        refuse_output_over_inputs(args.out, [("--root", args.root), ("--list-file", args.list_file), (
+            "--list-file", Path(args.root) / args.list_file if args.list_file else None)])
+        ensure_writable(Path(args.out))  # a folder or a file in the way, a read-only disk
+        try:
+            read_class_stats(Path(args.out))
+        except DatasetError:
+            raise ConfigError(f"--out {args.out} exists and is not a class-statistics file: "
+                              "choose another output") from None
     res = scan(args.kind, args.root, args.split, args.list_file, workers=max(0, args.workers),
                progress=not args.no_progress)
     print(report(res))
@@ -223,7 +277,9 @@ def run(args) -> int:
     try:
         images = read_class_stats(out)  # keep entries of other splits / list files
     except DatasetError:
-        images = {}
+        if args.out:
+            raise
+        images = {}  # the default cache name in the root: a broken cache is rebuilt
     images.update(res.entries)
     write_class_stats(out, images, args.kind, res.root)
     print(f"class statistics of {len(res.entries)} labels written to {out}")

@@ -39,9 +39,10 @@ class RunLogger:
                 raise ConfigError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.tb = SummaryWriter(str(self.out_dir / "tb"))
 
-    def drop_records_after(self, iteration: int) -> None:
+    def drop_records_after(self, iteration: int, with_eval_at: bool = False) -> None:
         """On resume: records past the checkpoint's iteration will be logged again, so drop them
-        (and a line torn by a kill) from metrics.jsonl; TensorBoard purges its events after it too."""
+        (and a line torn by a kill) from metrics.jsonl; TensorBoard purges its events after it too.
+        `with_eval_at`: the evaluation at `iteration` came after the checkpoint (a run's final one)."""
         if not self.enabled:
             return
         path = self.out_dir / "metrics.jsonl"
@@ -52,7 +53,9 @@ class RunLogger:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(rec, dict) and rec.get("iteration", 0) <= iteration:
+            if not isinstance(rec, dict) or rec.get("iteration", 0) > iteration:
+                continue
+            if not (with_eval_at and rec.get("iteration") == iteration and "eval/mIoU" in rec):
                 kept.append(line + "\n")
         with atomic_write(path, "w") as f:
             f.write("".join(kept))

@@ -165,9 +165,15 @@ class Trainer:
         self.history: list[dict] = []
         self.logger = RunLogger(self.out_dir, cfg, enabled=self.is_main, tensorboard=tc.tensorboard)
         if resume is not None:
-            self._restore(load_checkpoint(resume), resume)
+            ckpt = load_checkpoint(resume)
+            self._restore(ckpt, resume)
             self.last_good = self.start_iter or None
-            self.logger.drop_records_after(self.start_iter)
+            # a run that had ended evaluated after this checkpoint: that evaluation is done again
+            ended = self.start_iter >= int(ckpt["config"]["train"]["iters"])
+            if ended:
+                self.history = [h for h in self.history if h.get("iteration") != self.start_iter]
+            self.logger.drop_records_after(self.start_iter, with_eval_at=ended)
+            del ckpt
         else:
             # the method's one-off preparation (e.g. memory-bank initialisation)
             # only for fresh runs; its results live in the checkpoint
