@@ -37,12 +37,11 @@ from ..errors import ConfigError, TrainingError
 from ..models.cut import CUT_FILES, ResnetGenerator, from_cut_range, load_cut_weights, to_cut_range
 from . import register_method
 from .augment import present_classes
-from .base import segmentation_loss
 from .cut import CUTSettings, DiscriminatorFirst, build_cut_model, check_cut_settings, cut_optimizers, load_cut_folder
 from .feature_distance import feature_distance_mask, masked_feature_distance
 from .losses import resize_labels
 from .minent import nested_config
-from .self_training import DAFormer, weighted_cross_entropy
+from .self_training import DAFormer
 
 CONSISTENCY_MODES = ("frozen_student", "ema", "none")
 
@@ -444,7 +443,7 @@ class Confeti(DAFormer):
         # 4. student on the stylised source: CE, CAM, contrast, feature distance
         out = self.model(x_s2t_sg, return_features=True)
         feat = out["features"]
-        losses.update(segmentation_loss(out, y_s, aux_w, prefix="loss_src"))
+        losses.update(self.source_ce(out, y_s))
         if m.cam_weight > 0:
             losses["loss_cam_src"] = m.cam_weight * cam_loss(self.cam(feat), y_s)
         if contrast_on:
@@ -463,9 +462,9 @@ class Confeti(DAFormer):
 
         # 6. student on the mixed batch
         out_mix = self.model(images, return_features=True)
-        losses["loss_mix_main"] = weighted_cross_entropy(out_mix["main"], labels, mix_weights)
+        losses["loss_mix_main"] = self.mix_ce(out_mix["main"], labels, mix_weights)
         if "aux" in out_mix and aux_w > 0:
-            losses["loss_mix_aux"] = aux_w * weighted_cross_entropy(out_mix["aux"], labels, mix_weights)
+            losses["loss_mix_aux"] = aux_w * self.mix_ce(out_mix["aux"], labels, mix_weights)
         if m.cam_weight > 0 and it > m.cam_mix_start:
             losses["loss_cam_mix"] = m.cam_weight * cam_loss(self.cam(out_mix["features"]), labels)
         if contrast_on:
