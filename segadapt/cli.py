@@ -212,6 +212,8 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIS
 def _os_error_line(e: OSError) -> str:
     """`cannot write <path>: <cause>` (or `<path>: <cause>`) for an OSError that reached the top."""
     cause = e.strerror or _one_line(e)
+    if e.errno == errno.EEXIST and e.filename is not None and os.path.isfile(e.filename):
+        cause = "a file is in the way (a folder is needed here)"  # mkdir over a file
     if e.filename is None:
         return f"{cause}" if e.errno not in _WRITE_ERRNOS else f"cannot write: {cause}"
     path = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"

@@ -40,6 +40,45 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 # written by `segadapt stylize --include-eval` into a copy whose evaluation split is restyled
 RESTYLED_EVAL_MARKER = "RESTYLED_EVAL_SPLIT.txt"
 
+
+
+class Sample(dict):
+    """A dataset item: a dict, plus ``files`` ({'image': path, 'label': path}) kept out of the
+    collated batch. Batches of samples go through :func:`collate_samples`, registered with
+    torch's default collate, so every DataLoader over these datasets names the files when
+    the tensors of one batch differ in size (instead of torch.stack's bare shape error)."""
+
+    files: dict = {}
+
+
+def collate_samples(batch, *, collate_fn_map=None):
+    from torch.utils.data._utils.collate import collate
+
+    first = batch[0]
+    for key in ("image", "label"):
+        if key not in first:
+            continue
+        odd = next((s for s in batch[1:] if s[key].shape != first[key].shape), None)
+        if odd is not None:
+            def described(s):
+                h, w = s[key].shape[-2:]
+                return f"{s.files.get(key, s.get('name'))} is {w}x{h}"
+
+            raise DatasetError(
+                f"{key}s in one batch differ in size: {described(first)}, {described(odd)}; set a crop or "
+                "resize (e.g. source.crop=[W,H], target.resize=[W,H]; for evaluation eval.data.resize or "
+                "eval.batch_size=1) so that every batch shares one size")
+    return {k: collate([s[k] for s in batch], collate_fn_map=collate_fn_map) for k in first}
+
+
+def _register_collate() -> None:
+    from torch.utils.data._utils.collate import default_collate_fn_map
+
+    default_collate_fn_map[Sample] = collate_samples
+
+
+_register_collate()
+
 _CS_IMAGE_SUFFIX = "_leftImg8bit.png"
 _CS_LABEL_SUFFIX = "_gtFine_labelIds.png"
 _CS_TRAIN_LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
@@ -335,7 +374,8 @@ class SegDataset(torch.utils.data.Dataset):
                 image, label = self._crop(image, label, rng)
             if self.flip:
                 image, label = random_hflip(image, label, rng)
-        item = {"image": to_tensor(image), "index": i, "name": self.names[i]}
+        item = Sample(image=to_tensor(image), index=i, name=self.names[i])
+        item.files = {"image": image_path, "label": label_path}
         if label is not None:
             item["label"] = label_to_tensor(label)
         return item

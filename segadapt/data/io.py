@@ -400,6 +400,27 @@ def atomic_write(path: PathLike, mode: str = "wb", encoding: Optional[str] = Non
                 os.unlink(tmp)
 
 
+def ensure_writable(path: PathLike) -> Path:
+    """Fail early, before long work, when ``path`` could not be written: creates its
+    folder, and creates and removes a temporary file there. Raises the OutputError
+    :func:`atomic_write` would (a file where a folder should be, a folder where the file
+    should be, a read-only file system, no permission). ``path`` itself is not touched."""
+    path = Path(path)
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise write_error(path, e) from None
+    return path
+
+
 def write_text_atomic(path: PathLike, text: str) -> None:
     """``path.write_text(text)`` through :func:`atomic_write` (UTF-8)."""
     with atomic_write(path, "w", encoding="utf-8") as f:

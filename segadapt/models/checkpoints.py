@@ -279,8 +279,8 @@ def load_state_dict_checked(
     missing: List[str] = []
     allowed_missing: List[str] = []
     for k in target:
-        if k in to_load:
-            continue
+        if k in to_load or (k in sd and tuple(sd[k].shape) != tuple(target[k].shape)):
+            continue  # loaded, or already named as a shape mismatch
         if k.endswith("num_batches_tracked") or (_is_head(k, head_prefixes) and (init_file or not strict_head)):
             allowed_missing.append(k)
         else:
