@@ -230,3 +230,19 @@ def test_prepare_never_writes_its_statistics_over_another_file(tiny_synth, tmp_p
     assert label.read_bytes() == before
     assert main(["prepare", "--kind", "cityscapes", "--root", str(root), "--split", "train",
                  "--out", str(tmp_path / "stats.json"), "--no-progress", "--workers", "0"]) == 0
+
+
+def test_resume_continues_in_the_folder_its_checkpoint_is_in(tiny_synth, run2, tmp_path, capsys):
+    moved = tmp_path / "moved"
+    shutil.copytree(run2, moved)
+    before = (run2 / "final.pth").read_bytes()
+    assert main(["train", "--no-progress", "--resume", str(moved / "last.pth"), "train.iters=3"]) == 0
+    assert load_checkpoint(moved / "final.pth")["iteration"] == 3
+    assert yaml.safe_load((moved / "config.yaml").read_text())["out_dir"] == str(moved.resolve())
+    assert (run2 / "final.pth").read_bytes() == before  # the recorded out_dir was not written
+    # a run killed before its first checkpoint: nothing to resume, --overwrite is the way
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "config.yaml").write_text("name: run\n")
+    capsys.readouterr()
+    error_line(capsys, train(tiny_synth, early, **{"train.iters": 2}), "wrote no checkpoint", "--overwrite")

@@ -81,6 +81,9 @@ def prepare_run_folder(folder: Path, resume: Optional[str], overwrite: bool, inp
         continues_here = resume is not None and _checkpoint_folder(resume) == folder.resolve()
         if holds_run(folder) and not continues_here:
             if not overwrite:
+                if not any((folder / n).is_file() for n in CHECKPOINT_NAMES):
+                    raise ConfigError(f"run folder {folder} already holds a run that wrote no checkpoint "
+                                      "(nothing for --resume to continue): replace it with --overwrite")
                 raise ConfigError(f"run folder {folder} already holds a run: continue it with --resume, "
                                   "or replace it with --overwrite")
             for what, p in inputs:
