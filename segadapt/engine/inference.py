@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["predict_logits", "predict"]
+__all__ = ["predict_logits", "predict", "view_logits", "upsample_rows", "strip_scores"]
 
 
 def _pair(v: int | Sequence[int] | None, what: str) -> tuple[int, int] | None:
@@ -136,9 +136,41 @@ def predict_logits(
     model output. ``align_corners`` applies to every bilinear resize (see the
     module docstring for why the default is False).
     """
+    views = view_logits(model, images, mode=mode, crop=crop, stride=stride, scales=scales, flip=flip,
+                        num_classes=num_classes, window_batch=window_batch, align_corners=align_corners)
+    out_size = (int(out_size[0]), int(out_size[1]))
+    total = None
+    for logits, flipped in views:
+        logits = _resize(logits, out_size, align_corners)
+        if flipped:
+            logits = logits.flip(-1)
+        if len(views) == 1 and not probs:
+            return logits
+        p = logits.softmax(dim=1)
+        total = p if total is None else total + p
+    return total / len(views)
+
+
+@torch.no_grad()
+def view_logits(
+    model,
+    images: torch.Tensor,
+    mode: str = "whole",
+    crop: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    num_classes: int | None = None,
+    window_batch: int = 8,
+    align_corners: bool = False,
+) -> list[tuple[torch.Tensor, bool]]:
+    """Each test-time view's logits at the resolution the model (or the window
+    average) gives them, before any upsampling, with whether the view is flipped
+    (its logits are still mirrored). Options as in ``predict_logits``; these low-resolution
+    maps are all :func:`strip_scores` needs to produce full-size scores a band of rows at a time.
+    """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-    out_size = (int(out_size[0]), int(out_size[1]))
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     scales = tuple(float(s) for s in scales)
@@ -154,13 +186,11 @@ def predict_logits(
 
     images = images.float()
     _, _, h, w = images.shape
-    flips = (False, True) if flip else (False,)
-    single_view = len(scales) * len(flips) == 1
-    total = None
+    views = []
     for s in scales:
         size = (max(int(round(h * s)), 1), max(int(round(w * s)), 1))
         x_s = _resize(images, size, align_corners)
-        for fl in flips:
+        for fl in ((False, True) if flip else (False,)):
             x = x_s.flip(-1) if fl else x_s
             if mode == "whole":
                 logits = _main_logits(model, x)
@@ -170,14 +200,48 @@ def predict_logits(
                 raise ValueError(
                     f"model returned {logits.shape[1]} classes, expected {num_classes}"
                 )
-            logits = _resize(logits, out_size, align_corners)
-            if fl:
-                logits = logits.flip(-1)
-            if single_view and not probs:
-                return logits
-            p = logits.softmax(dim=1)
-            total = p if total is None else total + p
-    return total / (len(scales) * len(flips))
+            views.append((logits, fl))
+    return views
+
+
+def upsample_rows(x: torch.Tensor, out_size: Sequence[int], y0: int, y1: int,
+                  align_corners: bool = False) -> torch.Tensor:
+    """Rows ``y0:y1`` of the bilinear resize of ``x`` (B, C, h, w) to ``out_size`` (H, W),
+    computed from the two source rows each output row needs (equal to
+    ``F.interpolate(x, out_size, mode='bilinear')[:, :, y0:y1]`` up to float rounding)."""
+    out_h, out_w = int(out_size[0]), int(out_size[1])
+    in_h = x.shape[-2]
+    if in_h == out_h:
+        band = x[:, :, y0:y1]
+    else:
+        dst = torch.arange(y0, y1, dtype=torch.float64)
+        if align_corners:
+            src = dst * ((in_h - 1) / (out_h - 1) if out_h > 1 else 0.0)
+        else:
+            src = ((dst + 0.5) * (in_h / out_h) - 0.5).clamp_min(0.0)
+        i0 = src.floor().long().clamp_max(in_h - 1)
+        i1 = (i0 + 1).clamp_max(in_h - 1)
+        w1 = (src - i0).to(x.dtype).to(x.device)[:, None]
+        i0, i1 = i0.to(x.device), i1.to(x.device)
+        band = x[:, :, i0] * (1 - w1) + x[:, :, i1] * w1
+    # rows are already at the output height: this resizes the width only
+    return _resize(band, (y1 - y0, out_w), align_corners)
+
+
+def strip_scores(views: list[tuple[torch.Tensor, bool]], out_size: Sequence[int], y0: int, y1: int,
+                 probs: bool = False, align_corners: bool = False) -> torch.Tensor:
+    """Rows ``y0:y1`` of what ``predict_logits`` returns, from ``view_logits``' output:
+    logits for a single view (``probs=False``), else the mean of the views' softmax."""
+    total = None
+    for logits, flipped in views:
+        band = upsample_rows(logits, out_size, y0, y1, align_corners)
+        if flipped:
+            band = band.flip(-1)
+        if len(views) == 1 and not probs:
+            return band
+        p = band.softmax(dim=1)
+        total = p if total is None else total + p
+    return total / len(views)
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@
 
 Each image is resized to the model input size (`size`, or its own size), the
 class scores are upsampled back to the image's original size (bilinear) and
-argmaxed, exactly as the evaluator does for labels. Images of the same
+argmaxed, exactly as the evaluator does for labels, one band of rows at a time
+(memory stays bounded for very large images). Images of the same
 original size are batched together; one device->host copy per batch.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..data.labels import colorize
 from ..data.transforms import resize_image, to_tensor
 from ..errors import CheckpointError, ConfigError, DatasetError
 from .distributed import resolve_device  # noqa: F401 - part of this module's API
-from .inference import predict_logits
+from .inference import strip_scores, view_logits
 from .evaluator import inference_options
 
 __all__ = [
@@ -191,8 +192,13 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Blend the palette colours of `train_ids` over an (H, W, 3) uint8 image."""
-    blend = (1.0 - alpha) * image.astype(np.float32) + alpha * colorize(train_ids).astype(np.float32)
-    return np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    out = np.empty_like(image)
+    rows = 256  # float temporaries for a band of rows, not for the whole (maybe huge) image
+    for y in range(0, image.shape[0], rows):
+        blend = ((1.0 - alpha) * image[y:y + rows].astype(np.float32)
+                 + alpha * colorize(train_ids[y:y + rows]).astype(np.float32))
+        out[y:y + rows] = np.clip(np.rint(blend), 0, 255)
+    return out
 
 
 class Predictor:
@@ -200,11 +206,13 @@ class Predictor:
 
     `infer_kwargs` are `predict_logits` options (mode, crop, stride, scales,
     flip); `size` (W, H) is the model input size, None = each image's own.
+    `strip_bytes` / `strip_rows`: the band of rows in which full-size scores are made.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu",
                  infer_kwargs: Optional[Mapping] = None, size: Optional[Sequence[int]] = None,
-                 batch_size: int = 1, amp_dtype: Optional[torch.dtype] = None):
+                 batch_size: int = 1, amp_dtype: Optional[torch.dtype] = None,
+                 strip_bytes: int = 64 << 20, strip_rows: Optional[int] = None):
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be positive, got {batch_size}")
         if size is not None and (len(size) != 2 or min(size) <= 0):
@@ -215,6 +223,10 @@ class Predictor:
         self.size = (int(size[0]), int(size[1])) if size is not None else None
         self.batch_size = batch_size
         self.amp_dtype = amp_dtype
+        # full-size class scores exist one band of rows at a time: at most `strip_bytes`
+        # of float32 per band (or exactly `strip_rows` rows)
+        self.strip_bytes = int(strip_bytes)
+        self.strip_rows = strip_rows
         views = len(tuple(self.infer_kwargs.get("scales", (1.0,)))) * (2 if self.infer_kwargs.get("flip") else 1)
         self._returns_logits = views == 1  # several views come back as averaged probabilities
 
@@ -223,7 +235,11 @@ class Predictor:
     def predict_arrays(self, images: Sequence[np.ndarray], maps: bool = False) -> list[Prediction]:
         """Predictions for (H, W, 3) uint8 RGB images that all have the same size.
 
-        `maps=True` adds the confidence and normalised entropy maps.
+        `maps=True` adds the confidence and normalised entropy maps. Only the
+        low-resolution logits and the uint8 maps are kept whole: the class scores at
+        the original size are made, argmaxed (and turned into confidence / entropy)
+        a band of rows at a time (`strip_rows`), so a huge image does not need a
+        full-size float map per class.
         """
         if not images:
             return []
@@ -235,14 +251,24 @@ class Predictor:
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            scores = predict_logits(self.model, batch, (h, w), **self.infer_kwargs)
-        ids = scores.argmax(dim=1).to(torch.uint8)
-        out = [ids]
-        if maps:
-            probs = scores.softmax(dim=1) if self._returns_logits else scores
-            num_classes = probs.shape[1]
-            ent = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1) / math.log(max(num_classes, 2))
-            out += [_to_uint8(probs.amax(dim=1)), _to_uint8(ent)]
+            views = view_logits(self.model, batch, **self.infer_kwargs)
+        del batch
+        align_corners = bool(self.infer_kwargs.get("align_corners", False))
+        num_classes = views[0][0].shape[1]
+        b = len(images)
+        out = [torch.empty((b, h, w), dtype=torch.uint8, device=self.device)
+               for _ in range(3 if maps else 1)]
+        rows = self.strip_rows or max(1, self.strip_bytes // (4 * b * num_classes * w))
+        for y0 in range(0, h, rows):
+            y1 = min(h, y0 + rows)
+            scores = strip_scores(views, (h, w), y0, y1, align_corners=align_corners)
+            out[0][:, y0:y1] = scores.argmax(dim=1)
+            if maps:
+                probs = scores.softmax(dim=1) if self._returns_logits else scores
+                ent = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1) / math.log(max(num_classes, 2))
+                out[1][:, y0:y1] = _to_uint8(probs.amax(dim=1))
+                out[2][:, y0:y1] = _to_uint8(ent)
+            del scores
         host = [t.cpu().numpy() for t in out]  # one copy per batch and map
         return [Prediction(host[0][i], *(m[i] for m in host[1:])) for i in range(len(images))]
 
