@@ -175,6 +175,10 @@ def cmd_synth(args) -> int:
             kwargs[name] = getattr(args, name)
     if args.size is not None:
         kwargs["size"] = tuple(args.size)
+    if not Path(args.out).is_dir():
+        from .data.io import ensure_writable
+
+        ensure_writable(args.out)  # named as given, not as the temporary folder the files go to first
     out = generate(Path(args.out), SynthParams(**kwargs))
     print(f"synthetic benchmark written to {out}")
     return 0

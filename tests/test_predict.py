@@ -139,3 +139,50 @@ def test_collect_images_names(tmp_path):
     assert [(p.relative_to(tmp_path).as_posix(), n) for p, n in found] == [
         ("d/x.png", "x"), ("d/deep/x.png", "deep/x"), ("e/x.jpg", "x_2")]  # d/x.png only once
     assert failed == [(str(tmp_path / "none*.png"), "no images match this pattern")]
+
+
+class _TinyLogits(torch.nn.Module):
+    """A fixed random conv at stride 4: logits far from ties, smaller than the input."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, num_classes, 4, stride=4)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 3)
+            self.conv.bias.copy_(torch.randn(num_classes, generator=g))
+
+    def forward(self, x):
+        return {"main": self.conv(x)}
+
+
+@pytest.mark.parametrize("infer", [{}, {"scales": (0.75, 1.0), "flip": True}])
+def test_strips_equal_the_full_size_argmax(infer):
+    from segadapt.engine.predictor import Predictor
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)  # odd sizes: uneven last strip
+    model = _TinyLogits().eval()
+    full = predict_logits(model, to_tensor(image)[None], (37, 53), **infer)
+    views = 2 * 2 if infer else 1
+    probs = full if views > 1 else full.softmax(dim=1)
+    ref_ids = full.argmax(dim=1)[0].numpy()
+    ref_conf = np.rint(probs.amax(dim=1)[0].numpy() * 255)
+    ent = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)[0].numpy() / math.log(5)
+    for rows in (1, 4, 10, 37):  # several strips, and one strip holding the whole image
+        pred = Predictor(model, "cpu", infer, strip_rows=rows).predict_arrays([image], maps=True)[0]
+        assert np.array_equal(pred.train_ids, ref_ids), rows
+        assert np.abs(pred.confidence.astype(int) - ref_conf).max() <= 1, rows
+        assert np.abs(pred.entropy.astype(int) - np.rint(ent * 255)).max() <= 1, rows
+    # the default band (64 MiB of float scores) covers this image in one strip: same result
+    assert np.array_equal(Predictor(model, "cpu", infer).predict_arrays([image])[0].train_ids, ref_ids)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsample_rows_matches_interpolate(align_corners):
+    from segadapt.engine.inference import upsample_rows
+
+    x = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(1))
+    ref = torch.nn.functional.interpolate(x, (23, 31), mode="bilinear", align_corners=align_corners)
+    got = torch.cat([upsample_rows(x, (23, 31), y, min(23, y + 4), align_corners) for y in range(0, 23, 4)], dim=2)
+    assert torch.allclose(got, ref, atol=1e-6)

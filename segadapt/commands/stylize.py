@@ -203,7 +203,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from segadapt.data.datasets import RESTYLED_EVAL_MARKER
-    from segadapt.data.io import write_text_atomic
+    from segadapt.data.io import ensure_writable, write_text_atomic
     from segadapt.errors import ConfigError
     from segadapt.models.adain import AdaINStylizer
     from segadapt.models.cut import generator_from_file
@@ -232,6 +232,7 @@ def run(args) -> int:
         raise ConfigError(f"{args.data_kind} split {args.split!r} at {root} is the evaluation split; "
                           f"restyling it changes the benchmark (pass --include-eval to do it anyway)")
     settings_path = out / SETTINGS_FILE
+    ensure_writable(settings_path)  # a file in the way or a read-only disk: now, not after the work
     if out.exists() and any(out.iterdir()) and not settings_path.is_file():
         raise ConfigError(f"--out {out} is a non-empty folder that is not a stylize output")
 

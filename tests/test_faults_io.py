@@ -1,0 +1,271 @@
+"""Faults through the real command line: each ends with one line (no traceback) that names
+the path, a non-zero exit, and leaves an earlier good output file unchanged.
+
+Tests run as root, which ignores permission bits: a read-only folder cannot be made with
+chmod. The file-system faults are a regular file where a folder is needed (ENOTDIR), a
+folder where a file is needed (EISDIR), and a full disk (ENOSPC) raised by a patched
+os.fsync, the last step before the atomic rename.
+"""
+import errno
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segadapt.cli import main
+
+from .conftest import tiny_overrides
+
+
+def one_line_error(capsys, code, *needles) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err, err
+    for n in needles:
+        assert str(n) in lines[0], lines[0]
+    assert "weights_only=False" not in lines[0]  # never advice to disable the safe loader
+    assert ".tmp" not in lines[0] and ".partial" not in lines[0]  # the path the user gave, not a temporary
+    return lines[0]
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    """A regular file standing where an output folder is wanted; must stay unchanged."""
+    p = tmp_path / "notes.txt"
+    p.write_text("keep me\n")
+    return p
+
+
+def full_disk(monkeypatch):
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+
+
+def no_temp_files(folder):
+    return not [p for p in folder.rglob(".*.tmp")]
+
+
+# --------------------------------------------------------------------------- file system
+@pytest.mark.parametrize("argv", [
+    lambda run, data, f: ["test", str(run), "--no-progress", "--out", str(f)],
+    lambda run, data, f: ["predict", str(data / "source" / "images"), "--checkpoint", str(run), "--out", str(f),
+                          "--no-progress"],
+    lambda run, data, f: ["export", str(run), "--format", "torchscript", "--out", str(f / "m.pt"),
+                          "--size", "64", "32"],
+    lambda run, data, f: ["report", str(run), "--out", str(f), "--samples", "0"],
+    lambda run, data, f: ["synth", "--out", str(f / "bench"), "--num-source", "2", "--size", "32", "16"],
+    lambda run, data, f: ["prepare", "--kind", "gta5", "--root", str(data / "source"), "--out", str(f / "s.json")],
+    lambda run, data, f: ["adain-train", "--content-root", str(data / "source" / "images"), "--style-root",
+                          str(data / "source" / "images"), "--out", str(f / "d.pth")],
+    lambda run, data, f: ["stylize", "--data-kind", "folder", "--root", str(data / "source" / "images"),
+                          "--out", str(f / "st"), "--decoder", "d.pth", "--style-dir", str(data / "source")],
+], ids=["test", "predict", "export", "report", "synth", "prepare", "adain-train", "stylize"])
+def test_output_under_a_file_is_one_line(argv, tiny_run, tiny_synth, a_file, capsys):
+    code = main(argv(tiny_run, tiny_synth, a_file))
+    one_line_error(capsys, code, "cannot write", str(a_file), "Not a directory")
+    assert a_file.read_text() == "keep me\n"
+
+
+def test_train_out_dir_is_a_file(tiny_synth, a_file, capsys):
+    code = main(["train", "--no-progress", *tiny_overrides(tiny_synth, a_file)])
+    one_line_error(capsys, code, "cannot write", str(a_file))
+    assert a_file.read_text() == "keep me\n"
+
+
+def test_output_file_is_a_folder(tiny_run, tmp_path, capsys):
+    (tmp_path / "t" / "results.json").mkdir(parents=True)
+    code = main(["test", str(tiny_run), "--no-progress", "--out", str(tmp_path / "t")])
+    one_line_error(capsys, code, "cannot write", str(tmp_path / "t" / "results.json"), "Is a directory")
+    code = main(["export", str(tiny_run), "--format", "torchscript", "--out", str(tmp_path / "t"),
+                 "--size", "64", "32"])
+    one_line_error(capsys, code, "cannot write", str(tmp_path / "t"), "Is a directory")
+    code = main(["prepare", "--kind", "gta5", "--root", str(tmp_path), "--out", str(tmp_path / "t")])
+    one_line_error(capsys, code, "cannot write", str(tmp_path / "t"), "Is a directory")
+
+
+def test_full_disk_keeps_the_earlier_predictions(tiny_run, tiny_synth, tmp_path, monkeypatch, capsys):
+    image = tmp_path / "x.png"
+    shutil.copy(next((tiny_synth / "target" / "leftImg8bit" / "val").rglob("*.png")), image)
+    out = tmp_path / "pred"
+    assert main(["predict", str(image), "--checkpoint", str(tiny_run), "--out", str(out), "--no-progress"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "x_trainid.png" in before
+    capsys.readouterr()
+    full_disk(monkeypatch)
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(image)  # another prediction would differ
+    code = main(["predict", str(image), "--checkpoint", str(tiny_run), "--out", str(out), "--no-progress"])
+    one_line_error(capsys, code, "cannot write", str(out / "x_"), "No space left on device")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # unchanged, no temporary left
+
+
+def test_full_disk_at_a_checkpoint_is_one_line(tiny_synth, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    full_disk(monkeypatch)
+    code = main(["train", "--no-progress", *tiny_overrides(tiny_synth, out, **{"train.iters": 2,
+                                                                                "train.ckpt_every": 1})])
+    one_line_error(capsys, code, "cannot write", str(out / "last.pth"), "No space left on device")
+    assert not (out / "last.pth").exists() and no_temp_files(out)
+
+
+def test_full_disk_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
+    from segadapt.engine.checkpoint import atomic_save
+    from segadapt.errors import OutputError
+
+    path = tmp_path / "last.pth"
+    atomic_save({"iteration": 1}, path)
+    good = path.read_bytes()
+    full_disk(monkeypatch)
+    with pytest.raises(OutputError, match=f"cannot write {path}: No space left on device"):
+        atomic_save({"iteration": 2}, path)
+    assert path.read_bytes() == good and no_temp_files(tmp_path)
+
+
+# --------------------------------------------------------------------------- bad input files
+def test_config_not_utf8(tmp_path, capsys):
+    cfg = tmp_path / "latin1.yaml"
+    cfg.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    code = main(["train", "-c", str(cfg)])
+    one_line_error(capsys, code, str(cfg), "not UTF-8", "0xe9")
+
+
+@pytest.fixture
+def bad_checkpoints(tiny_run, tmp_path):
+    d = tmp_path / "ckpts"
+    d.mkdir()
+    (d / "empty.pth").write_bytes(b"")
+    (d / "garbage.pth").write_bytes(bytes(range(256)) * 8)
+    torch.save({"lr": 0.1, "note": "no tensors"}, d / "no_tensors.pth")
+    ckpt = torch.load(tiny_run / "final.pth", map_location="cpu", weights_only=False)
+    ckpt["model"] = dict(ckpt["model"], **{"conv1.weight": torch.zeros(4, 3, 3, 3)})
+    ckpt.pop("eval_model", None)
+    torch.save(ckpt, d / "wrong_shapes.pth")
+    return d
+
+
+@pytest.mark.parametrize("name, needles", [
+    ("empty.pth", ["empty file"]),
+    ("garbage.pth", ["not a readable PyTorch file"]),
+    ("no_tensors.pth", ["not a model state dict", "lr"]),
+    ("wrong_shapes.pth", ["conv1.weight", "(4, 3, 3, 3)", "(8, 3, 7, 7)"]),
+])
+def test_bad_checkpoint_is_one_line(name, needles, bad_checkpoints, tiny_synth, tmp_path, capsys):
+    path = bad_checkpoints / name
+    cfg = [] if name == "wrong_shapes.pth" else ["-c", "synthetic/source_only"]
+    overrides = tiny_overrides(tiny_synth, tmp_path / "r") if cfg else []
+    code = main(["test", str(path), "--no-progress", "--out", str(tmp_path / "t"), *cfg, *overrides])
+    one_line_error(capsys, code, str(path), *needles)
+    image = next((tiny_synth / "source" / "images").glob("*.png"))
+    code = main(["predict", str(image), "--checkpoint", str(path), "--out", str(tmp_path / "p"), "--no-progress",
+                 *cfg])
+    one_line_error(capsys, code, str(path), *needles)
+
+
+def test_resume_from_an_empty_checkpoint(tiny_synth, bad_checkpoints, tmp_path, capsys):
+    path = bad_checkpoints / "empty.pth"
+    code = main(["train", "--no-progress", "--resume", str(path), *tiny_overrides(tiny_synth, tmp_path / "r")])
+    one_line_error(capsys, code, str(path), "empty file")
+
+
+def test_pickled_object_is_refused_without_unsafe_advice(tmp_path):
+    from segadapt.errors import CheckpointError
+    from segadapt.models.checkpoints import read_checkpoint
+
+    path = tmp_path / "obj.pth"
+    torch.save({"model": {}, "extra": io.StringIO("x")}, path)
+    with pytest.raises(CheckpointError, match=r"_io.StringIO.*safe loader refuses") as ei:
+        read_checkpoint(path)
+    assert "weights_only=False" not in str(ei.value) and str(path) in str(ei.value)
+
+
+# --------------------------------------------------------------------------- checks that check
+@pytest.fixture
+def target_copy(tiny_synth, tmp_path):
+    root = tmp_path / "target"
+    shutil.copytree(tiny_synth / "target", root)
+    return root
+
+
+def _prepare_check(root, capsys):
+    code = main(["prepare", "--kind", "cityscapes", "--root", str(root), "--split", "val", "--check",
+                 "--no-progress", "--workers", "0"])
+    return code, capsys.readouterr().out
+
+
+def test_prepare_check_decodes_images_in_full(target_copy, capsys):
+    image = sorted((target_copy / "leftImg8bit" / "val").rglob("*.png"))[1]
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) * 2 // 3])  # header intact, pixel data cut
+    code, out = _prepare_check(target_copy, capsys)
+    assert code == 2
+    assert "unreadable (1)" in out and image.relative_to(target_copy).as_posix() in out and "truncated" in out
+
+
+def test_prepare_check_flags_lossy_labels(target_copy, capsys):
+    code, out = _prepare_check(target_copy, capsys)
+    assert code == 0 and "problems: none" in out  # the clean labels pass
+    labels = sorted((target_copy / "gtFine" / "val").rglob("*_labelIds.png"))
+    ids = np.asarray(Image.open(labels[0]))
+    Image.fromarray(ids).save(labels[0], format="JPEG", quality=95)  # JPEG bytes behind a .png name
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(Image.open(labels[1]))).save(buf, format="JPEG", quality=90)
+    Image.open(buf).save(labels[1], format="PNG")  # once JPEG-compressed, now a PNG
+    code, out = _prepare_check(target_copy, capsys)
+    assert code == 2 and "lossy label (2)" in out, out
+    assert "is a JPEG file" in out and "intermediate id" in out
+    for lab in labels[:2]:
+        assert lab.relative_to(target_copy).as_posix() in out
+
+
+def test_lossy_rule_on_hand_made_maps(tmp_path):
+    from segadapt.commands.prepare import lossy_label_reason
+
+    path = tmp_path / "l.png"
+    path.write_bytes(b"\x89PNG")  # only the magic bytes are read
+    clean = np.zeros((40, 40), np.uint8)
+    clean[:, 20:] = 10  # one vertical edge 0 -> 10: no intermediate ids
+    assert lossy_label_reason(path, clean) is None
+    blended = clean.copy()
+    blended[:, 19], blended[:, 20] = 3, 7  # every row passes 0 -> 3 -> 7 -> 10
+    # per row: 4 runs with differing ends, 2 of them blended; 80 blended pixels in all
+    assert lossy_label_reason(path, blended) is None  # 100 blended pixels needed
+    assert "intermediate id" in lossy_label_reason(path, np.tile(blended, (2, 1)))  # 160 >= 100, 50% >= 15%
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("train.num_workers=-1", ["train.num_workers", ">= 0", "-1"]),
+    ("train.eval_every=-5", ["train.eval_every", ">= 0"]),
+    ("eval.batch_size=0", ["eval.batch_size", "positive"]),
+    ("synthetic.num_target_val=0", ["synthetic.num_target_val", "positive"]),
+    ("eval.scales=[1.0,-0.5]", ["eval.scales"]),
+    ("name=${name}", ["reference cycle ${name} -> ${name}"]),
+    ("name=a${out_dir}", ["reference cycle", "${out_dir}", "${name}"]),
+])
+def test_bad_counts_and_reference_cycles(override, needles, tiny_synth, tmp_path, capsys):
+    args = tiny_overrides(tiny_synth, tmp_path / "run")
+    if "${out_dir}" in override:
+        args = [a for a in args if not a.startswith("out_dir=")] + ["out_dir=runs/${name}"]
+    code = main(["train", "--no-progress", *args, override])
+    one_line_error(capsys, code, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_mixed_sizes_in_one_batch_name_the_files(tiny_synth, tmp_path, capsys):
+    bench = tmp_path / "bench"
+    shutil.copytree(tiny_synth, bench)
+    odd = sorted((bench / "source" / "images").glob("*.png"))[0]
+    Image.open(odd).resize((80, 40)).save(odd)
+    label = bench / "source" / "labels" / odd.name
+    Image.open(label).resize((80, 40), Image.NEAREST).save(label)
+    code = main(["train", "--no-progress", *tiny_overrides(bench, tmp_path / "run", **{
+        "train.batch_source": 16, "train.iters": 1})])
+    line = one_line_error(capsys, code, "images in one batch differ in size", f"{odd} is 80x40", "is 64x32",
+                          "crop")
+    assert line.count(" is ") == 2
