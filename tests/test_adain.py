@@ -395,7 +395,7 @@ def test_stylize_input_errors_are_one_line(tmp_path, tiny_synth, decoder_file, c
     assert main([*base, "--out", str(tmp_path / "o"), "--style-dir", str(tmp_path)]) == 2
     assert "give --decoder" in capsys.readouterr().err
     assert main([*base, "--out", str(root / "x"), "--decoder", str(decoder_file), "--style-dir", str(tmp_path)]) == 2
-    assert "outside --root" in capsys.readouterr().err
+    assert "is inside --root" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "o"), "--decoder", str(decoder_file)]) == 2
     assert "--style-dir or --target-root" in capsys.readouterr().err
 
