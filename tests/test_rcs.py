@@ -227,3 +227,15 @@ def test_unwritable_cache_is_named_with_a_remedy(tmp_path, monkeypatch):
     msg = str(e.value)
     assert str(root / "segadapt_class_stats.json") in msg and "segadapt prepare" in msg and "rcs_stats" in msg
     assert "\n" not in msg
+
+
+def test_building_the_cache_leaves_the_global_rng_alone(tmp_path):
+    """A fresh run draws the same augmentations whether the class statistics were cached or not."""
+    root = _gta(tmp_path / "gta", [_car_corner_label()])
+    ds = build_dataset(DatasetConfig(kind="gta5", root=str(root), split="all"))
+    torch.manual_seed(0)
+    dataset_class_counts(ds)  # computed and cached
+    after_build = torch.rand(3)
+    torch.manual_seed(0)
+    dataset_class_counts(ds)  # read from the cache
+    assert torch.equal(torch.rand(3), after_build)

@@ -69,8 +69,10 @@ def compute_class_counts(dataset, indices: Optional[Sequence[int]] = None, num_c
                          workers: int = 0, progress: Optional[bool] = None) -> dict[int, np.ndarray]:
     """Class pixel counts of the labels of `indices` (default: all), index -> (num_classes,) int64."""
     indices = range(len(dataset)) if indices is None else indices
+    # its own generator: building the cache must not move the global RNG (a run with and one
+    # without a cache would otherwise draw different augmentations)
     loader = DataLoader(_CountLabels(dataset, indices, num_classes), batch_size=None, shuffle=False,
-                        num_workers=workers)
+                        num_workers=workers, generator=torch.Generator())
     from tqdm import tqdm
 
     out = {}
