@@ -110,6 +110,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "none"  # none | bf16 | fp16
     channels_last: bool = False
+    # backward after each stage of a method's step (source, target, ...): one stage's activations
+    # are freed before the next forward; false = one backward on the sum of all losses
+    staged_backward: bool = True
     log_every: int = 50
     eval_every: int = 2000  # 0 = only at the end
     ckpt_every: int = 2000

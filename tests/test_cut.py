@@ -3,11 +3,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as nnf
+from torch.func import functional_call
 
 from segadapt.config import load_config
-from segadapt.engine.trainer import Trainer
+from segadapt.engine.trainer import Trainer, move_to
 from segadapt.errors import CheckpointError, ConfigError
-from segadapt.methods.cut import CUTSettings, cut_optimizers, step_discriminator
+from segadapt.methods.cut import CUTSettings, cut_optimizers
 from segadapt.models.cut import (
     BlurDownsample,
     BlurUpsample,
@@ -244,36 +245,39 @@ def test_generator_and_discriminator_losses_reach_only_their_networks():
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(got, ref))
 
 
-def test_discriminator_steps_before_the_generator_gan_term():
-    """CUT's order: D's Adam step on this iteration's fake, then G's GAN term against the new D."""
-    m = tiny_cut()
+def test_discriminator_steps_before_the_generator_gan_term(tiny_synth, tmp_path):
+    """CUT's order through the trainer: D's loss is a stage of its own, back-propagated and
+    followed by D's Adam step; G's GAN term is then computed against the new D."""
     lr = 0.01
-    opt = cut_optimizers(m, CUTSettings(lr=lr))["discriminator"]
-    torch.manual_seed(1)
-    x_s, x_t = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
-    d_old = [p.detach().clone() for p in m.D.parameters()]
+    trainer = Trainer(load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path / "run", **{"method.lr": lr})),
+                      progress=False)
+    cut = trainer.method.cut
+    d0 = {k: p.detach().clone() for k, p in cut.D.named_parameters()}
     seen = {}
+    scored = cut.discriminator_loss
 
-    def d_step(fake):
-        d = m.discriminator_loss(fake, x_t)
-        g = torch.autograd.grad(d["loss_D_fake"] + d["loss_D_real"], list(m.D.parameters()))
-        seen["grads"], seen["fake"] = g, fake.detach()
-        with torch.no_grad():
-            seen["old_gan"] = lsgan_loss(m.D(fake), True)
-        return step_discriminator(m, opt, fake, x_t, it=0)
+    def recording(fake, real):
+        seen["fake"], seen["real"] = fake.detach().clone(), real.detach().clone()
+        return scored(fake, real)
 
-    g, fake = m.generator_losses(x_s, x_t, before_gan=d_step)
-    assert {"d_loss_fake", "d_loss_real", "loss_G_GAN"} <= set(g) and "loss_D_fake" not in g
-    # Adam's first step: p - lr * m_hat / (sqrt(v_hat) + eps) = p - lr * g / (|g| + 1e-8)
-    for p, p0, grad in zip(m.D.parameters(), d_old, seen["grads"]):
-        assert torch.allclose(p, p0 - lr * grad / (grad.abs() + 1e-8), atol=1e-7)
-        assert p.grad is None
+    cut.discriminator_loss = recording
+    batch = {k: move_to(next(s), trainer.device) for k, s in trainer.streams.items()}
+    trainer.method.train()
+    out, _ = trainer.step(batch, 0)
+    trainer.release()
+    assert {"loss_D_fake", "loss_D_real", "loss_G_GAN"} <= set(out) and not out["loss_D_fake"].requires_grad
+    # D's gradient at its old weights, on that fake: Adam's first step p - lr * g / (|g| + 1e-8)
+    old = {k: v.clone().requires_grad_(True) for k, v in d0.items()}
+    fake_s, real_d = (functional_call(cut.D, old, (x,)) for x in (seen["fake"], seen["real"]))
+    d_loss = 0.5 * (lsgan_loss(fake_s, False) + lsgan_loss(real_d, True))
+    grads = dict(zip(old, torch.autograd.grad(d_loss, list(old.values()))))
+    for k, p in cut.D.named_parameters():
+        assert torch.allclose(p, d0[k] - lr * grads[k] / (grads[k].abs() + 1e-8), atol=1e-7), k
+        assert p.grad is None  # stepped once, mid-step; no gradient from G's GAN term
     with torch.no_grad():
-        new_gan = lsgan_loss(m.D(seen["fake"]), True)
-    assert g["loss_G_GAN"].item() == pytest.approx(new_gan.item(), rel=1e-6)
-    assert abs(new_gan.item() - seen["old_gan"].item()) > 1e-4  # the updated D, not the old one
-    g["loss_G_GAN"].backward()  # the GAN term still reaches G only
-    assert all(x is None for x in grads(m.D)) and any(x is not None for x in grads(m.G))
+        new_gan, old_gan = lsgan_loss(cut.D(seen["fake"]), True), lsgan_loss(functional_call(cut.D, d0, (seen["fake"],)), True)
+    assert out["loss_G_GAN"].item() == pytest.approx(new_gan.item(), rel=1e-5)
+    assert abs(new_gan.item() - old_gan.item()) > 1e-4  # the updated D, not the old one
 
 
 # --------------------------------------------------------------------------- files
@@ -362,7 +366,7 @@ def test_joint_d_step_keeps_the_one_backward_variant(tiny_synth, tmp_path):
 def test_tiny_cut_training_through_the_trainer(tiny_synth, tmp_path):
     out = tmp_path / "run"
     trainer = Trainer(load_config("synthetic/cut", cut_overrides(tiny_synth, out)), progress=False)
-    assert set(trainer.optimizers) == {"generator", "patch_sampler"}  # D steps in the forward pass
+    assert set(trainer.optimizers) == {"generator", "discriminator", "patch_sampler"}
     method = trainer.method
     g0 = {k: v.clone() for k, v in method.cut.G.state_dict().items()}
     d0 = [p.detach().clone() for p in method.cut.D.parameters()]
@@ -375,7 +379,7 @@ def test_tiny_cut_training_through_the_trainer(tiny_synth, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(d0, method.cut.D.parameters()))
     ckpt = torch.load(out / "final.pth", weights_only=False)
     assert ckpt["iteration"] == 3 and "cut.G.model.1.weight" in ckpt["method"]
-    assert ckpt["method_extra"]["cut_discriminator_optimizer"]["state"]  # D's Adam moments saved
+    assert ckpt["optimizers"]["discriminator"]["state"]  # D's Adam moments saved
 
     method.on_train_end(out)  # the trainer's end-of-training hook
     fresh = tiny_cut(nce_dim=16)

@@ -75,8 +75,35 @@ def cleanup(wait_for_peers: bool = True) -> None:
             dist.destroy_process_group()
 
 
+def broadcast_state(module: torch.nn.Module, src: int = 0) -> None:
+    """Start every rank from rank `src`'s parameters and buffers (what DDP's constructor does)."""
+    if is_dist():
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t, src)
+
+
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Make every rank hold rank `src`'s buffers (BN statistics drift apart under DDP)."""
     if is_dist():
         for b in module.buffers():
             dist.broadcast(b, src)
+
+
+def average_gradients(params) -> None:
+    """Average .grad over ranks in one flat all-reduce per dtype (what DDP's hooks do, for steps
+    that run several backward passes). A missing gradient counts as zeros on that rank."""
+    if not is_dist():
+        return
+    world = dist.get_world_size()
+    by_dtype: dict = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)

@@ -178,8 +178,16 @@ class Trainer:
             # the method's one-off preparation (e.g. memory-bank initialisation)
             # only for fresh runs; its results live in the checkpoint
             self.method.before_train(self)
+        # staged backward: each stage's graph is freed before the next forward; several backward
+        # passes per step do not fit DDP's hooks, so ranks average gradients by hand then
+        self.staged = tc.staged_backward
+        self.method.stage_runner = self._run_stage
+        self.manual_sync = self.world > 1 and self.staged
+        self._stepped: set[str] = set()
         self.ddp = None
-        if self.world > 1:
+        if self.manual_sync:
+            dist_utils.broadcast_state(self.method)
+        elif self.world > 1:
             self.ddp = DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.method.find_unused_parameters)
@@ -292,25 +300,63 @@ class Trainer:
         self.logger.log_eval(iteration, result, self.method.eval_model(), loader, self.device)
         return result
 
+    def _params_of(self, names) -> list:
+        return [p for n in names for g in self.optimizers[n].optimizer.param_groups for p in g["params"]]
+
+    def _backward(self, losses: dict) -> None:
+        """Backward on the sum of the `loss*` entries that still hold a graph (outside autocast)."""
+        parts = [v.float() for k, v in losses.items()
+                 if k.startswith("loss") and torch.is_tensor(v) and v.requires_grad]
+        if parts:
+            with torch.autocast(self.device.type, enabled=False):
+                self.scaler.scale(sum(parts)).backward()
+
+    def _step(self, names, mid_step: bool = False) -> None:
+        """Average over ranks (staged DDP; or a step inside DDP's forward, which its hooks do not
+        see), unscale and clip, then step the named optimizers."""
+        if not names:
+            return
+        unknown = [n for n in names if n not in self.optimizers]
+        if unknown:
+            raise TrainingError(f"{self.cfg.method['name']}: no optimizer named {unknown} to step "
+                                f"(have {sorted(self.optimizers)})")
+        if self.manual_sync or (mid_step and self.world > 1):
+            dist_utils.average_gradients([p for p in self._params_of(names) if p.requires_grad])
+        if self.cfg.optim.grad_clip:
+            for n in names:
+                self.scaler.unscale_(self.optimizers[n].optimizer)
+            torch.nn.utils.clip_grad_norm_(self._params_of(names), self.cfg.optim.grad_clip)
+        for n in names:
+            self.scaler.step(self.optimizers[n].optimizer)
+            self._stepped.add(n)
+
+    def _run_stage(self, losses: dict, step: tuple = ()) -> dict:
+        """The method's `end_stage`: backward now (staged, or when an optimizer must step before
+        the next stage), then step the named optimizers and clear their gradients."""
+        if not (self.staged or step):
+            return losses
+        self._backward(losses)
+        self._step(list(step), mid_step=True)
+        for n in step:
+            self.optimizers[n].optimizer.zero_grad(set_to_none=True)
+        return {k: v.detach() if k.startswith("loss") and torch.is_tensor(v) else v for k, v in losses.items()}
+
     def step(self, batch: dict, it: int) -> tuple[dict, torch.Tensor]:
-        """One training iteration on a device batch: schedules, forward + losses, one backward,
-        every optimizer, the method's `after_step`. Returns the method's outputs and the summed loss."""
+        """One training iteration on a device batch: schedules, forward + losses with a backward
+        per stage (see `UDAMethod.end_stage`), every optimizer not stepped yet, the method's
+        `after_step`. Returns the method's outputs and the summed loss (detached)."""
         module = self.ddp if self.ddp is not None else self.method
+        self._stepped = set()
         for o in self.optimizers.values():
             o.set_iteration(it)
             o.optimizer.zero_grad(set_to_none=True)
+        if self.manual_sync:
+            dist_utils.broadcast_buffers(self.method)  # as DDP does before each forward
         with self._autocast():
             out = module(batch, it)
-        total = sum(v.float() for k, v in out.items() if k.startswith("loss"))
-        self.scaler.scale(total).backward()
-        if self.cfg.optim.grad_clip:
-            for o in self.optimizers.values():
-                self.scaler.unscale_(o.optimizer)
-            torch.nn.utils.clip_grad_norm_(
-                [p for o in self.optimizers.values() for g in o.optimizer.param_groups for p in g["params"]],
-                self.cfg.optim.grad_clip)
-        for o in self.optimizers.values():
-            self.scaler.step(o.optimizer)
+        total = sum(v.detach().float() for k, v in out.items() if k.startswith("loss"))
+        self._backward(out)
+        self._step([n for n in self.optimizers if n not in self._stepped])
         self.scaler.update()
         self.method.after_step(it)
         return out, total

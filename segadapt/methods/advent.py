@@ -138,13 +138,16 @@ class AdvEnt(UDAMethod):
             batch = self.restyler(batch, it)
         src, tgt = batch["source"], batch["target"]
         out_s = self.model(src["image"])
-        losses = segmentation_loss(out_s, src["label"], self.cfg.model.aux_weight)
-        out_t = self.model(tgt["image"])
         size_s, size_t = src["image"].shape[-2:], tgt["image"].shape[-2:]
+        # D only sees detached source maps: the source stage's graph can go before the target forward
+        maps_s = {level: self_information(upsample(out_s[level].detach(), size_s)) for level in self.discriminators()}
+        losses = self.end_stage(segmentation_loss(out_s, src["label"], self.cfg.model.aux_weight))
+        del out_s
+        out_t = self.model(tgt["image"])
         weights = {"main": self.mcfg.adv_weight_main, "aux": self.mcfg.adv_weight_aux}
         logs = {}
         for level, disc in self.discriminators().items():
-            map_s = self_information(upsample(out_s[level], size_s))
+            map_s = maps_s[level]
             map_t = self_information(upsample(out_t[level], size_t))
             # segmenter: fool D with target maps (target -> source label); D's weights constant
             losses[f"loss_adv_{level}"] = weights[level] * bce_to(constant_weights_call(disc, map_t), SOURCE_LABEL)

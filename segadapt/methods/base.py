@@ -53,8 +53,11 @@ class UDAMethod(nn.Module):
     """Base class. `self.model` is the plain segmenter that evaluation and export see.
 
     Subclasses implement `training_step(batch, it) -> dict`: entries named
-    `loss*` are summed into the objective (one backward); other entries are
-    detached tensors that are only logged.
+    `loss*` are summed into the objective; other entries are detached tensors
+    that are only logged. A step may hand its losses over in stages with
+    `end_stage` (e.g. source, then target): the trainer runs backward on each
+    stage at once, so that stage's activations are freed before the next
+    forward; what is returned at the end is the last stage.
     """
 
     Config = MethodConfig
@@ -69,8 +72,23 @@ class UDAMethod(nn.Module):
         self.cfg = cfg
         self.mcfg = mcfg
 
+    # set by the trainer: runs backward on a stage's losses (and steps the optimizers it names)
+    stage_runner = None
+
     def forward(self, batch: dict, it: int) -> dict:  # DDP calls forward
         return self.training_step(batch, it)
+
+    def end_stage(self, losses: dict, step: tuple = ()) -> dict:
+        """Hand the trainer this stage's losses: with staged backward on, it back-propagates
+        their sum now and returns them detached (for logging); then it steps the optimizers
+        named in `step` (e.g. a discriminator that the next stage must see updated). Without a
+        trainer (direct calls), or with staging off and nothing to step, `losses` come back
+        unchanged and the step's one backward covers them."""
+        if self.stage_runner is None:
+            if step:
+                raise RuntimeError(f"{type(self).__name__}: stepping {step} mid-iteration needs the trainer")
+            return losses
+        return self.stage_runner(losses, tuple(step))
 
     def training_step(self, batch: dict, it: int) -> dict:
         raise NotImplementedError

@@ -309,31 +309,39 @@ class CFContra(MinEnt):
 
         batch = self.restyle(batch, it)
         src, tgt = batch["source"], batch["target"]
-        out_s = self.model(src["image"], return_features=True)
-        losses = segmentation_loss(out_s, src["label"], self.cfg.model.aux_weight)
-        out_t = self.model(tgt["image"], return_features=True)
-        losses.update(self.entropy_losses(out_t, tgt["image"].shape[-2:]))
+        valid_s, valid_t = valid_prototypes(self.bank_source), valid_prototypes(self.bank_target)
+        tau = c.temperature
 
+        def contrast(terms) -> dict:
+            return {name: weight * info_nce(feats, labels, bank, tau, valid)
+                    for name, weight, feats, labels, bank, valid in terms if weight > 0}
+
+        # source stage: CE and the two terms on source features
+        out_s = self.model(src["image"], return_features=True)
         f_s = self.head(out_s["features"]).float()
-        f_t = self.head(out_t["features"]).float()
         y_s = resize_labels(src["label"], f_s.shape[-2:])
         with torch.no_grad():
-            y_t = self.target_pseudo_labels(f_t, out_t["main"], it)
             s_sums, s_counts = class_mean_sums(f_s, y_s, self.num_classes)
+        losses = segmentation_loss(out_s, src["label"], self.cfg.model.aux_weight)
+        losses.update(contrast([
+            ("loss_con_source", c.weight_source, f_s, y_s, self.bank_source, valid_s),
+            ("loss_con_source_to_target", c.weight_source_to_target, f_s, y_s, self.bank_target, valid_t)]))
+        losses = self.end_stage(losses)
+        del out_s, f_s
+
+        # target stage: entropy and the two terms on target features
+        out_t = self.model(tgt["image"], return_features=True)
+        losses.update(self.entropy_losses(out_t, tgt["image"].shape[-2:]))
+        f_t = self.head(out_t["features"]).float()
+        with torch.no_grad():
+            y_t = self.target_pseudo_labels(f_t, out_t["main"], it)
             t_sums, t_counts = class_mean_sums(f_t, y_t, self.num_classes)
             # one tensor, so that DDP needs one all-reduce in after_step
             self._pending = torch.cat([torch.cat([s_sums, s_counts[:, None]], 1),
                                        torch.cat([t_sums, t_counts[:, None]], 1)], 0)
-
-        valid_s, valid_t = valid_prototypes(self.bank_source), valid_prototypes(self.bank_target)
-        tau = c.temperature
-        for name, weight, feats, labels, bank, valid in (
-                ("loss_con_source", c.weight_source, f_s, y_s, self.bank_source, valid_s),
-                ("loss_con_target", c.weight_target, f_t, y_t, self.bank_target, valid_t),
-                ("loss_con_source_to_target", c.weight_source_to_target, f_s, y_s, self.bank_target, valid_t),
-                ("loss_con_target_to_source", c.weight_target_to_source, f_t, y_t, self.bank_source, valid_s)):
-            if weight > 0:
-                losses[name] = weight * info_nce(feats, labels, bank, tau, valid)
+        losses.update(contrast([
+            ("loss_con_target", c.weight_target, f_t, y_t, self.bank_target, valid_t),
+            ("loss_con_target_to_source", c.weight_target_to_source, f_t, y_t, self.bank_source, valid_s)]))
         losses["pseudo_label_ratio"] = (y_t != IGNORE_INDEX).float().mean()
         return losses
 

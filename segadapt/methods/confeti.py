@@ -37,7 +37,8 @@ from ..errors import ConfigError, TrainingError
 from ..models.cut import CUT_FILES, ResnetGenerator, from_cut_range, load_cut_weights, to_cut_range
 from . import register_method
 from .augment import present_classes
-from .cut import CUTSettings, DiscriminatorFirst, build_cut_model, check_cut_settings, cut_optimizers, load_cut_folder
+from .cut import (CUTSettings, build_cut_model, check_cut_settings, cut_optimizers, discriminator_first_losses,
+                  load_cut_folder)
 from .feature_distance import feature_distance_mask, masked_feature_distance
 from .losses import resize_labels
 from .minent import nested_config
@@ -273,7 +274,7 @@ class Confeti(DAFormer):
             protos = torch.zeros(c, m.proj_dim)
         self.register_buffer("prototypes", protos)
         self.register_buffer("prototype_seen", torch.full((c,), m.proto_init == "random"))
-        self.d_first = DiscriminatorFirst() if m.stage == 1 and m.cut.d_step == "first" else None
+        self.d_first = m.stage == 1 and m.cut.d_step == "first"
         if m.stage == 1:
             self.cut = build_cut_model(m.cut)
             if m.stylizer:
@@ -333,20 +334,7 @@ class Confeti(DAFormer):
                 return poly_warmup_factor(it, horizon, o.poly_power) if m.stylizer_poly else 1.0
 
             opts.update(cut_optimizers(self.cut, m.cut, m.stylizer_optimizer, m.stylizer_weight_decay, factor))
-            if self.d_first is not None:
-                self.d_first.take(opts)
         return opts
-
-    def extra_state_dict(self) -> dict:
-        state = super().extra_state_dict()
-        if self.d_first is not None:
-            state.update(self.d_first.state_dict())
-        return state
-
-    def load_extra_state_dict(self, state: dict) -> None:
-        super().load_extra_state_dict(state)
-        if self.d_first is not None:
-            self.d_first.load_state_dict(state)
 
     # ------------------------------------------------------------------ prototypes
     @torch.no_grad()
@@ -419,8 +407,8 @@ class Confeti(DAFormer):
         # 1. stylise (and CUT's own losses when G trains)
         if self.trains_stylizer:
             cut_in_s, cut_in_t = to_cut_range(x_s), to_cut_range(x_t)
-            if self.d_first is not None:  # D stepped before the GAN term (CUT's order)
-                g_losses, fake = self.d_first.losses(self.cut, cut_in_s, cut_in_t, it)
+            if self.d_first:  # D stepped before the GAN term (CUT's order)
+                g_losses, fake = discriminator_first_losses(self, self.cut, cut_in_s, cut_in_t)
                 losses.update(g_losses)
             else:  # d_step joint: D's loss in the trainer's one backward
                 g_losses, fake = self.cut.generator_losses(cut_in_s, cut_in_t)
@@ -443,22 +431,26 @@ class Confeti(DAFormer):
         # 4. student on the stylised source: CE, CAM, contrast, feature distance
         out = self.model(x_s2t_sg, return_features=True)
         feat = out["features"]
-        losses.update(self.source_ce(out, y_s))
+        src_losses = self.source_ce(out, y_s)
         if m.cam_weight > 0:
-            losses["loss_cam_src"] = m.cam_weight * cam_loss(self.cam(feat), y_s)
+            src_losses["loss_cam_src"] = m.cam_weight * cam_loss(self.cam(feat), y_s)
         if contrast_on:
-            losses.update(self.contrast_losses(feat, y_s, "src"))
+            src_losses.update(self.contrast_losses(feat, y_s, "src"))
         if self.imagenet is not None:
             with torch.no_grad():
                 ref = self.imagenet(x_s)
                 fd_mask = feature_distance_mask(y_s, feat.shape[-2:], self.fd_class_table, m.fd_min_ratio,
                                                 self.num_classes, getattr(self.model, "output_stride", None))
-            losses["loss_fd"] = m.fd_lambda * masked_feature_distance(feat, ref, fd_mask)
+            src_losses["loss_fd"] = m.fd_lambda * masked_feature_distance(feat, ref, fd_mask)
+        losses.update(self.end_stage(src_losses))  # the student's source graph goes now
+        del out, feat
 
         # 5. prototypical semantic consistency (reaches G and reg_proj only)
         if self.trains_stylizer and self.reg_proj is not None and m.consistency_weight > 0 \
                 and it > m.consistency_start:
             losses["loss_consistency"] = m.consistency_weight * self.consistency_loss(x_s, x_s2t)
+        losses = self.end_stage(losses)  # G's losses and the consistency: G's graph goes now
+        del x_s2t
 
         # 6. student on the mixed batch
         out_mix = self.model(images, return_features=True)
@@ -469,6 +461,8 @@ class Confeti(DAFormer):
             losses["loss_cam_mix"] = m.cam_weight * cam_loss(self.cam(out_mix["features"]), labels)
         if contrast_on:
             losses.update(self.contrast_losses(out_mix["features"], labels, "mix"))
+        losses = self.end_stage(losses)
+        del out_mix
 
         # 7. target contrast with the teacher's pseudo-labels, scaled by q
         if m.target_contrast and contrast_on:

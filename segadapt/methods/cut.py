@@ -5,8 +5,9 @@ with the identity term on target images). The segmenter is not used and not
 changed; the trainer skips segmentation evaluation (`trains_segmenter = False`).
 The discriminator terms see detached fakes and the generator's GAN term sees D
 with detached parameters, so each loss only reaches its own networks. D is
-updated in CUT's order (`d_step: first`, see `step_discriminator`): its own
-backward and Adam step on this iteration's fake before G's GAN term is computed,
+updated in CUT's order (`d_step: first`, see `discriminator_first_losses`): its
+loss on this iteration's fake is a stage of the step that the trainer
+back-propagates and follows with D's Adam step before G's GAN term is computed,
 so G trains against the updated D; `d_step: joint` sums D's loss into the
 trainer's one backward instead (G's term then sees D before its step). At the
 end of training the run folder gets
@@ -61,59 +62,18 @@ class CUTSettings:
     d_step: str = "first"
 
 
-def step_discriminator(cut: CUTModel, optimizer: ScheduledOptimizer, fake: torch.Tensor, real: torch.Tensor,
-                       it: int) -> dict:
-    """CUT's D update inside the trainer's step: 0.5 * (LSGAN(D(stopgrad(fake)), 0) + LSGAN(D(real), 1)),
-    its own backward (into D only, in fp32 so no loss scaling is needed; averaged over DDP
-    ranks by hand) and an optimizer step, now, so that the GAN term computed next sees the
-    updated D. `optimizer` is D's and is not the trainer's (the method checkpoints it). Returns the
-    two terms for logging, under names the trainer does not sum into its objective."""
-    optimizer.set_iteration(it)
-    params = [p for p in cut.D.parameters() if p.requires_grad]
-    with torch.autocast(fake.device.type, enabled=False):
-        d = cut.discriminator_loss(fake.float(), real.float())
-        grads = torch.autograd.grad(d["loss_D_fake"] + d["loss_D_real"], params)
-    world = dist_utils.world_size()
-    for p, g in zip(params, grads):
-        if world > 1:  # autograd.grad bypasses DDP's gradient hooks
-            torch.distributed.all_reduce(g)
-            g = g / world
-        p.grad = g
-    optimizer.optimizer.step()
-    optimizer.optimizer.zero_grad(set_to_none=True)
-    return {"d_loss_fake": d["loss_D_fake"].detach(), "d_loss_real": d["loss_D_real"].detach()}
+def discriminator_first_losses(method: UDAMethod, cut: CUTModel, x_src: torch.Tensor, x_tgt: torch.Tensor):
+    """`generator_losses` with D updated first, in CUT's order: once G has run, D's loss
+    0.5 * (LSGAN(D(stopgrad(fake)), 0) + LSGAN(D(real), 1)) is a stage of its own (in fp32, as
+    CUT has no mixed precision) that the trainer back-propagates and follows with D's optimizer
+    step, so that the GAN term computed next sees the updated D. Returns (losses, fake)."""
 
+    def update_discriminator(fake: torch.Tensor) -> dict:
+        with torch.autocast(fake.device.type, enabled=False):
+            d = cut.discriminator_loss(fake.float(), x_tgt.float())
+        return method.end_stage(d, step=("discriminator",))
 
-class DiscriminatorFirst:
-    """What a method needs for `d_step: first`: D's optimizer held apart from the trainer's (it
-    steps inside the forward pass) and checkpointed through the method's extra state."""
-
-    STATE_KEY = "cut_discriminator_optimizer"
-
-    def __init__(self):
-        self.optimizer: Optional[ScheduledOptimizer] = None
-
-    def take(self, optimizers: dict) -> dict:
-        """Remove D's optimizer from `optimizers` (the trainer's) and keep it here."""
-        self.optimizer = optimizers.pop("discriminator")
-        return optimizers
-
-    def losses(self, cut: CUTModel, x_src: torch.Tensor, x_tgt: torch.Tensor, it: int):
-        """generator_losses with D updated first on this iteration's fake: (losses, fake)."""
-        if self.optimizer is None:
-            raise TrainingError("CUT d_step=first: build_optimizers() must run before training_step")
-        return cut.generator_losses(x_src, x_tgt,
-                                    before_gan=lambda fake: step_discriminator(cut, self.optimizer, fake, x_tgt, it))
-
-    def state_dict(self) -> dict:
-        return {self.STATE_KEY: self.optimizer.optimizer.state_dict()} if self.optimizer is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.optimizer is None:
-            return
-        if self.STATE_KEY not in state:
-            raise KeyError("no CUT discriminator optimizer state in the method's extra state (a d_step=joint run?)")
-        self.optimizer.optimizer.load_state_dict(state[self.STATE_KEY])
+    return cut.generator_losses(x_src, x_tgt, before_gan=update_discriminator)
 
 
 def build_cut_model(s: CUTSettings) -> CUTModel:
@@ -146,9 +106,8 @@ class CUTPretraining(UDAMethod):
         # the segmenter is carried along untouched (no gradients, so DDP does not wait for any)
         self.model.requires_grad_(False)
         self.cut = build_cut_model(mcfg)
-        self.d_first = DiscriminatorFirst() if mcfg.d_step == "first" else None
-        # d_step first: D gets no gradient from the trainer's backward
-        self.find_unused_parameters = self.d_first is not None
+        # d_step first: D gets no gradient from the step's last backward
+        self.find_unused_parameters = mcfg.d_step == "first"
         if mcfg.init_from:
             folder = Path(mcfg.init_from)
             if not folder.is_dir():
@@ -158,21 +117,13 @@ class CUTPretraining(UDAMethod):
     def training_step(self, batch: dict, it: int) -> dict:
         x_src = to_cut_range(batch["source"]["image"])
         x_tgt = to_cut_range(batch["target"]["image"])
-        if self.d_first is not None:
-            return self.d_first.losses(self.cut, x_src, x_tgt, it)[0]
+        if self.mcfg.d_step == "first":
+            return discriminator_first_losses(self, self.cut, x_src, x_tgt)[0]
         g_losses, fake = self.cut.generator_losses(x_src, x_tgt)
         return {**g_losses, **self.cut.discriminator_loss(fake, x_tgt)}
 
     def build_optimizers(self) -> dict[str, ScheduledOptimizer]:
-        opts = cut_optimizers(self.cut, self.mcfg)
-        return self.d_first.take(opts) if self.d_first is not None else opts
-
-    def extra_state_dict(self) -> dict:
-        return self.d_first.state_dict() if self.d_first is not None else {}
-
-    def load_extra_state_dict(self, state: dict) -> None:
-        if self.d_first is not None:
-            self.d_first.load_state_dict(state)
+        return cut_optimizers(self.cut, self.mcfg)
 
     def export_weights(self, out_dir) -> dict:
         """Write latest_net_G/D/F.pth (CUT's format) into `out_dir`; returns {part: path}."""

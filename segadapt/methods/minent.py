@@ -179,7 +179,7 @@ class MinEnt(UDAMethod):
     def training_step(self, batch: dict, it: int) -> dict:
         batch = self.restyle(batch, it)
         src, tgt = batch["source"], batch["target"]
-        losses = segmentation_loss(self.model(src["image"]), src["label"], self.cfg.model.aux_weight)
+        losses = self.end_stage(segmentation_loss(self.model(src["image"]), src["label"], self.cfg.model.aux_weight))
         losses.update(self.entropy_losses(self.model(tgt["image"]), tgt["image"].shape[-2:]))
         return losses
 

@@ -155,7 +155,7 @@ class DACS(UDAMethod):
             raise TrainingError(f"{self.mcfg.name}: source images are {tuple(src['image'].shape[-2:])} (H, W) but "
                                 f"target images {tuple(tgt['image'].shape[-2:])}; ClassMix needs equal sizes "
                                 "(set source.crop and target.crop to the same [W, H])")
-        losses = self.source_losses(src)
+        losses = self.end_stage(self.source_losses(src))
 
         pseudo, weights, q = self.pseudo_labels(tgt["image"])
         images, labels, weights, mask = self.mix_batch(src, tgt["image"], pseudo, weights)
