@@ -73,7 +73,7 @@ def parse_args(argv=None):
                     help="narrow networks (ResNet-18 of width 16, small CUT/projections): a CPU smoke test")
     ap.add_argument("--tolerance", type=float, default=0.05, help="allowed bf16 vs fp32 relative loss difference")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--time-limit", type=float, default=420.0,
+    ap.add_argument("--time-limit", type=float, default=390.0,
                     help="seconds; configs not started by then are reported as skipped")
     ap.add_argument("--out", help="also write the Markdown report here")
     args = ap.parse_args(argv)
