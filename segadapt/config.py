@@ -323,6 +323,8 @@ def _interpolate(tree: dict, root: dict, origins: _Origins, prefix: str = "", _c
                 target = _lookup(root, ref)
             except KeyError:
                 raise ConfigError(f"{key}: unknown reference ${{{ref}}} (in {origins.where(key)})") from None
+            if isinstance(target, dict):
+                raise ConfigError(f"{key}: ${{{ref}}} is a section, not a value (in {origins.where(key)})")
             if isinstance(target, str) and "${" in target:
                 target = resolve(ref, target)
             return str(target)
@@ -493,7 +495,7 @@ def _counts(cfg: Config) -> None:
         ("synthetic.num_source_val", cfg.synthetic.num_source_val, 0),
         ("synthetic.num_target_train", cfg.synthetic.num_target_train, 1),
         ("synthetic.num_target_val", cfg.synthetic.num_target_val, 1),
-        ("synthetic.workers", cfg.synthetic.workers, 0), ("synthetic.gap", cfg.synthetic.gap, 0),
+        ("synthetic.workers", cfg.synthetic.workers, 1), ("synthetic.gap", cfg.synthetic.gap, 0),
     ]
     for key, value, minimum in at_least:
         if value is not None and value < minimum:

@@ -247,6 +247,7 @@ def test_lossy_rule_on_hand_made_maps(tmp_path):
     ("eval.scales=[1.0,-0.5]", ["eval.scales"]),
     ("name=${name}", ["reference cycle ${name} -> ${name}"]),
     ("name=a${out_dir}", ["reference cycle", "${out_dir}", "${name}"]),
+    ("name=${train}", ["${train} is a section, not a value"]),
 ])
 def test_bad_counts_and_reference_cycles(override, needles, tiny_synth, tmp_path, capsys):
     args = tiny_overrides(tiny_synth, tmp_path / "run")
@@ -255,6 +256,25 @@ def test_bad_counts_and_reference_cycles(override, needles, tiny_synth, tmp_path
     code = main(["train", "--no-progress", *args, override])
     one_line_error(capsys, code, *needles)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (lambda run, img: ["predict", img, "--checkpoint", run, "--out", "p", "--mode", "slide", "--crop", "0", "0"],
+     ["--crop", "[0, 0]"]),
+    (lambda run, img: ["predict", img, "--checkpoint", run, "--out", "p", "--mode", "slide", "--crop", "32", "32",
+                       "--stride", "0", "8"], ["--stride", "[0, 8]"]),
+    (lambda run, img: ["report", run, "--out", "r", "--samples", "-1"], ["--samples", "-1"]),
+    (lambda run, img: ["adain-train", "--content-root", img, "--style-root", img, "--out", "d.pth",
+                       "--workers", "-1"], ["--workers", "-1"]),
+    (lambda run, img: ["adain-train", "--content-root", img, "--style-root", img, "--out", "d.pth",
+                       "--lr-decay", "-1"], ["--lr-decay", "-1.0"]),
+], ids=["predict-crop", "predict-stride", "report-samples", "adain-workers", "adain-lr-decay"])
+def test_bad_command_counts(argv, needles, tiny_run, tiny_synth, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    image = str(next((tiny_synth / "source" / "images").glob("*.png")))
+    code = main(argv(str(tiny_run), image) + ["--no-progress"] * ("report" not in argv("", "")[0]))
+    one_line_error(capsys, code, *needles)
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_mixed_sizes_in_one_batch_name_the_files(tiny_synth, tmp_path, capsys):

@@ -82,6 +82,9 @@ def run(args) -> int:
         if cfg.resize is not None and min(cfg.resize) < 1:
             raise ConfigError(f"--resize must be positive (or 0 0), got {args.resize}")
     cfg.validate()
+    # (not covered by the config's own checks) a negative decay grows the rate and divides by zero
+    if cfg.lr_decay < 0 or cfg.num_workers < 0:
+        raise ConfigError(f"--lr-decay and --workers must be >= 0, got {cfg.lr_decay} and {cfg.num_workers}")
     if args.plain and args.vgg is None:
         raise ConfigError("--plain needs --vgg: a random-encoder decoder must keep its metadata")
     out = Path(args.out)

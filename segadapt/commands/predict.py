@@ -50,6 +50,9 @@ def run(args) -> int:
         raise ConfigError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    for option, value in (("--crop", args.crop), ("--stride", args.stride)):
+        if value is not None and min(value) < 1:
+            raise ConfigError(f"{option}: expected W H with positive sizes, got {value}")
     device = resolve_device(args.device)
     images, missing = collect_images(args.inputs)
     if not images:

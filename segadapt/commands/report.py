@@ -31,6 +31,10 @@ def run(args) -> int:
 
     from ..engine.run_folder import refuse_output_over_inputs
 
+    if args.samples < 0:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--samples must be >= 0, got {args.samples}")
     require_matplotlib()  # fail before any work
     ensure_writable(Path(args.out) / "report.html")
     refuse_output_over_inputs(args.out, [("run folder", r) for r in args.runs])
