@@ -104,6 +104,10 @@ def cmd_train(args) -> int:
         cfg, resume = resume_config(args.resume, overrides, args.config, DEFAULT_CONFIG)
     else:
         cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+    from .data.io import ensure_writable
+
+    for name in ("last.pth", "final.pth"):  # a run that could not save its checkpoints fails now, not hours later
+        ensure_writable(Path(cfg.out_dir) / name)
     result = train_from_config(cfg, resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
     if result is not None and _is_main():
         print(result.table())

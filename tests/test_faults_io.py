@@ -80,6 +80,13 @@ def test_train_out_dir_is_a_file(tiny_synth, a_file, capsys):
     assert a_file.read_text() == "keep me\n"
 
 
+def test_train_checkpoint_path_is_a_folder_fails_before_training(tiny_synth, tmp_path, capsys):
+    (tmp_path / "run" / "final.pth").mkdir(parents=True)
+    code = main(["train", "--no-progress", *tiny_overrides(tiny_synth, tmp_path / "run")])
+    one_line_error(capsys, code, "cannot write", str(tmp_path / "run" / "final.pth"), "Is a directory")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["final.pth"]  # no iteration was run
+
+
 def test_output_file_is_a_folder(tiny_run, tmp_path, capsys):
     (tmp_path / "t" / "results.json").mkdir(parents=True)
     code = main(["test", str(tiny_run), "--no-progress", "--out", str(tmp_path / "t")])
