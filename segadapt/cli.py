@@ -123,8 +123,8 @@ def cmd_test(args) -> int:
     from .engine import distributed as dist_utils
     from .engine.evaluator import evaluate
     from .engine.trainer import build_eval_loader, ensure_data, eval_kwargs
-    from .errors import CheckpointError
     from .data.io import ensure_writable
+    from .errors import CheckpointError, write_error
     from .models.checkpoints import load_pretrained, read_checkpoint
     from .models.deeplabv2 import build_segmenter
 
@@ -164,7 +164,10 @@ def cmd_test(args) -> int:
             print(f"warning: evaluated on a restyled copy, not the standard benchmark: {note}", file=sys.stderr)
     if _is_main():
         out = out_dir
-        result.save(out, "results")
+        try:
+            result.save(out, "results")
+        except OSError as e:  # a failed write() names no file: say which ones
+            raise write_error(e.filename or f"{out}/results.{{md,csv,json}}", e) from None
         print(result.table())
         print(f"results written to {out}/results.{{md,csv,json}}")
     return 0

@@ -122,6 +122,17 @@ def test_full_disk_at_a_checkpoint_is_one_line(tiny_synth, tmp_path, monkeypatch
     assert not (out / "last.pth").exists() and no_temp_files(out)
 
 
+def test_full_disk_at_a_plain_write_names_the_files(tiny_run, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    def no_space(self, *a, **k):  # write() failing after open(): the error carries no file name
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    code = main(["test", str(tiny_run), "--no-progress", "--out", str(tmp_path / "t")])
+    one_line_error(capsys, code, "cannot write", str(tmp_path / "t" / "results."), "No space left on device")
+
+
 def test_full_disk_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
     from segadapt.engine.checkpoint import atomic_save
     from segadapt.errors import OutputError

@@ -254,7 +254,7 @@ def run(args) -> int:
     from ..data.io import ensure_writable
     from ..data.rcs import STATS_FILE, read_class_stats, write_class_stats
     from ..engine.run_folder import refuse_output_over_inputs
-    from ..errors import ConfigError, DatasetError
+    from ..errors import ConfigError, DatasetError, write_error
 
     if args.out and not args.check:  # before the (long) scan
         refuse_output_over_inputs(args.out, [("--root", args.root), ("--list-file", args.list_file), (
@@ -281,6 +281,9 @@ def run(args) -> int:
             raise
         images = {}  # the default cache name in the root: a broken cache is rebuilt
     images.update(res.entries)
-    write_class_stats(out, images, args.kind, res.root)
+    try:
+        write_class_stats(out, images, args.kind, res.root)
+    except OSError as e:  # e.g. a full disk: a failed write() names no file
+        raise write_error(out, e) from None
     print(f"class statistics of {len(res.entries)} labels written to {out}")
     return 0

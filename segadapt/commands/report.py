@@ -28,21 +28,22 @@ def run(args) -> int:
     from ..data.io import ensure_writable
     from ..engine.predictor import resolve_device
     from ..engine.report import build_report, find_runs, load_run, require_matplotlib
-
     from ..engine.run_folder import refuse_output_over_inputs
+    from ..errors import ConfigError, write_error
 
     if args.samples < 0:
-        from ..errors import ConfigError
-
         raise ConfigError(f"--samples must be >= 0, got {args.samples}")
     require_matplotlib()  # fail before any work
-    ensure_writable(Path(args.out) / "report.html")
     refuse_output_over_inputs(args.out, [("run folder", r) for r in args.runs])
+    ensure_writable(Path(args.out) / "report.html")
     device = resolve_device(args.device)
     runs = [load_run(p) for p in find_runs(args.runs)]
-    written = build_report(runs, args.out, markdown=args.markdown, samples=args.samples, device=device,
-                           title=args.title, embed=not args.linked,
-                           log=lambda msg: print(f"segadapt report: {msg}", file=sys.stderr))
+    try:
+        written = build_report(runs, args.out, markdown=args.markdown, samples=args.samples, device=device,
+                               title=args.title, embed=not args.linked,
+                               log=lambda msg: print(f"segadapt report: {msg}", file=sys.stderr))
+    except OSError as e:  # a failed write() names no file
+        raise write_error(e.filename or args.out, e) from None
     print(f"report on {len(runs)} run(s) written to {written['html']}"
           + (f" and {written['markdown']}" if "markdown" in written else ""))
     return 0
