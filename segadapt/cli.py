@@ -116,8 +116,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_test(args) -> int:
-    import torch
-
     from .config import load_config
     from .data.datasets import build_dataset, restyled_eval_note
     from .engine import distributed as dist_utils

@@ -8,7 +8,6 @@ from torch.func import functional_call
 from segadapt.config import load_config
 from segadapt.engine.trainer import Trainer, move_to
 from segadapt.errors import CheckpointError, ConfigError
-from segadapt.methods.cut import CUTSettings, cut_optimizers
 from segadapt.models.cut import (
     BlurDownsample,
     BlurUpsample,

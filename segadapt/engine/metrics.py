@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..data.io import write_text_atomic
+
 IGNORE_INDEX = 255
 
 # The single place where default class names live (Cityscapes train-id order).
@@ -376,7 +378,7 @@ class EvalResult:
             "csv": out / f"{stem}.csv",
             "json": out / f"{stem}.json",
         }
-        paths["md"].write_text(self.to_markdown(), encoding="utf-8")
-        paths["csv"].write_text(self.to_csv(), encoding="utf-8")
-        paths["json"].write_text(self.to_json() + "\n", encoding="utf-8")
+        write_text_atomic(paths["md"], self.to_markdown())
+        write_text_atomic(paths["csv"], self.to_csv())
+        write_text_atomic(paths["json"], self.to_json() + "\n")
         return paths

@@ -27,6 +27,7 @@ import yaml
 
 from ..errors import ConfigError, SegadaptError
 from .metrics import EvalResult
+from ..data.io import write_text_atomic
 
 __all__ = ["Run", "RunGroup", "Stat", "mean_std", "find_runs", "load_run", "group_runs", "build_report",
            "require_matplotlib"]
@@ -617,8 +618,8 @@ def build_report(runs: Sequence[Run], out_dir: str | os.PathLike, markdown: bool
             for f in s.figures:
                 (out / f.file).write_bytes(f.png)
                 written[f.file] = out / f.file
-    written["html"].write_text(render_html(sections, title, embed), encoding="utf-8")
+    write_text_atomic(written["html"], render_html(sections, title, embed))
     if markdown:
         written["markdown"] = out / "report.md"
-        written["markdown"].write_text(render_markdown(sections, title), encoding="utf-8")
+        write_text_atomic(written["markdown"], render_markdown(sections, title))
     return written

@@ -36,6 +36,7 @@ from .checkpoint import FORMAT, VERSION, atomic_save, first_non_finite, load_che
 from .evaluator import evaluate, inference_options, subsets_for
 from .logging import RunLogger
 from .run_folder import prepare_run_folder
+from ..data.io import write_text_atomic
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -222,7 +223,8 @@ class Trainer:
             for k, o in self.optimizers.items():
                 o.optimizer.load_state_dict(ckpt["optimizers"][k])
         except (RuntimeError, KeyError) as e:
-            msg = str(e).splitlines()[0][:300]
+            # torch's first line only says "Error(s) in loading ...": keep its details, on one line
+            msg = "; ".join(x.strip() for x in str(e).splitlines() if x.strip())[:400]
             raise CheckpointError(f"checkpoint {where} does not match this model/method: {msg}") from None
         self.scaler.load_state_dict(ckpt["scaler"])
         for k, s in self.streams.items():
@@ -401,7 +403,7 @@ class Trainer:
                 if result is not None:
                     result.save(self.out_dir, "results")
                 self.method.on_train_end(self.out_dir)
-                (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1))
+                write_text_atomic(self.out_dir / "history.json", json.dumps(self.history, indent=1))
         except KeyboardInterrupt:
             self.logger.close()
             where = (f"{self.out_dir / 'last.pth'} (iteration {self.last_good})" if self.last_good
@@ -421,7 +423,7 @@ def train_from_config(cfg: Config, resume: Optional[str] = None, progress: bool 
     trainer = Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite)
     if trainer.is_main:
         try:
-            (trainer.out_dir / "config.yaml").write_text(dump_config(cfg))
+            write_text_atomic(trainer.out_dir / "config.yaml", dump_config(cfg))
         except BaseException:
             trainer.release()
             raise

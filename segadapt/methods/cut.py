@@ -22,9 +22,8 @@ from typing import Optional
 
 import torch
 
-from ..engine import distributed as dist_utils
 from ..engine.optim import ScheduledOptimizer
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError
 from ..models.cut import CUTModel, ResnetGenerator, to_cut_range
 from . import register_method
 from .base import MethodConfig, UDAMethod
