@@ -301,6 +301,16 @@ def test_adain_train_command_writes_a_loadable_decoder(tiny_synth, tmp_path, cap
                  str(tiny_synth / "target"), "--style-kind", "cityscapes", "--split", "val", "--out", str(out)])
     assert code == 2 and "evaluation split" in capsys.readouterr().err
 
+    # an absurd learning rate: one line, non-zero exit, the earlier good decoder untouched
+    good = out.read_bytes()
+    code = main(["adain-train", "--content-root", str(tiny_synth / "source"), "--content-kind", "gta5",
+                 "--style-root", str(tiny_synth / "target"), "--style-kind", "cityscapes", "--out", str(out),
+                 "--iters", "3", "--batch-size", "1", "--crop", "16", "--resize", "0", "0", "--workers", "0",
+                 "--log-every", "1", "--no-progress", "--lr", "1e30"])
+    err = capsys.readouterr().err
+    assert code != 0 and "non-finite AdaIN" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == good
+
 
 # --------------------------------------------------------------------------- stylize command
 

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segadapt.errors import CheckpointError, ConfigError, DatasetError
+from segadapt.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 
 __all__ = [
     "VGG19_BLOCKS", "ENCODER_MODULES", "TAPS", "RANDOM_INIT",
@@ -663,9 +663,13 @@ def save_decoder(stylizer: AdaINStylizer, path: Union[str, os.PathLike], extra: 
     the reference code); refused for a random encoder, which could then never
     be matched again.
     """
-    from segadapt.engine.checkpoint import atomic_save
+    from segadapt.engine.checkpoint import atomic_save, first_non_finite
 
     sd = {k: v.detach().cpu().clone() for k, v in stylizer.decoder.state_dict().items()}
+    bad = first_non_finite(sd.items())
+    if bad is not None:  # never a NaN decoder on disk; an earlier good file stays
+        raise TrainingError(f"non-finite AdaIN decoder weight {bad}; {path} not written "
+                            "(lower --lr or the style weight)")
     info = stylizer.describe()
     if plain:
         if info["encoder"] != "vgg":
@@ -721,6 +725,9 @@ def train_decoder(stylizer: AdaINStylizer, content_ds, style_ds, cfg: AdaINTrain
             bar.update(1)
             if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iters:
                 c, s, tot = (running / seen).tolist()  # the only host sync, once per log interval
+                if not math.isfinite(tot):
+                    raise TrainingError(f"non-finite AdaIN loss (content {c}, style {s}) before iteration {it + 1}; "
+                                        "decoder not saved (lower --lr or the style weight)")
                 entry = {"iter": it + 1, "loss_content": c, "loss_style": s, "loss": tot}
                 history.append(entry)
                 bar.set_postfix(content=f"{c:.3g}", style=f"{s:.3g}")
