@@ -110,6 +110,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "none"  # none | bf16 | fp16
     channels_last: bool = False
+    # torch.compile of the segmenter (falls back to eager, with one line, where the backend
+    # cannot run: no C++ compiler on CPU, no Triton on CUDA)
+    compile: bool = False
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager (debugging) | ...
     # backward after each stage of a method's step (source, target, ...): one stage's activations
     # are freed before the next forward; false = one backward on the sum of all losses
     staged_backward: bool = True

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from ..config import Config, dump_config
 from ..data.datasets import build_dataset, restyled_eval_note
 from ..data.sampling import DataStream
-from ..errors import CheckpointError, TrainingError
+from ..errors import CheckpointError, ConfigError, TrainingError
 from ..methods import build_method
 from ..models.checkpoints import load_pretrained
 from ..models.deeplabv2 import build_segmenter
@@ -52,6 +55,37 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def compile_unavailable(backend: str, device: torch.device) -> Optional[str]:
+    """Why `backend` cannot compile on `device` here, or None."""
+    if backend != "inductor":
+        return None
+    if device.type == "cpu":
+        names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+        if not any(n and shutil.which(n) for n in names):
+            return "no C++ compiler (g++, c++, clang++ or $CXX) for the inductor backend on CPU"
+    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "the inductor backend on CUDA needs Triton, which is not installed"
+    return None
+
+
+def compile_segmenter(model: torch.nn.Module, backend: str, device: torch.device, announce: bool = True) -> bool:
+    """torch.compile the segmenter in place (state-dict keys unchanged); one line and eager
+    execution where the platform cannot compile. Graphs dynamo cannot handle run eagerly."""
+    reason = compile_unavailable(backend, device)
+    if reason is not None:
+        if announce:
+            print(f"warning: train.compile: {reason}; training uncompiled", file=sys.stderr)
+        return False
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigError(f"train.compile_backend: unknown backend {backend!r}; known: {', '.join(known)}")
+    torch._dynamo.config.suppress_errors = True  # a failing graph falls back to eager, not the run
+    model.compile(backend=backend)
+    return True
 
 
 def move_to(batch, device, channels_last: bool = False):
@@ -147,6 +181,8 @@ class Trainer:
         if tc.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.method = build_method(cfg, self.model).to(self.device)
+        if tc.compile:  # after the method copied what it needs (teacher, frozen backbone) uncompiled
+            compile_segmenter(self.model, tc.compile_backend, self.device, announce=self.is_main)
         self.target_ds = build_dataset(cfg.target) if self.method.uses_target else None
         self.optimizers = self.method.build_optimizers()
         self.amp_dtype = AMP_DTYPES.get(tc.amp)
