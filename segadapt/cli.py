@@ -230,6 +230,16 @@ def _os_error_line(e: OSError) -> str:
 
 
 def main(argv=None) -> int:
+    distributed = [False]
+    code = _main(argv, distributed)
+    if distributed[0]:  # a torchrun rank: leave before the interpreter's teardown
+        from .engine.distributed import exit_now
+
+        exit_now(code)
+    return code
+
+
+def _main(argv, distributed: list) -> int:
     parser = build_parser()
     # overrides may stand anywhere among the options (argparse stops filling a
     # positional list once an option follows it)
@@ -271,7 +281,7 @@ def main(argv=None) -> int:
         from .engine.distributed import cleanup
 
         # a failed rank must not wait at the exit barrier for peers that may never come
-        cleanup(wait_for_peers=finished)
+        distributed[0] = cleanup(wait_for_peers=finished)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -64,15 +65,27 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def cleanup(wait_for_peers: bool = True) -> None:
+def cleanup(wait_for_peers: bool = True) -> bool:
     """Tear the group down only once every rank got here: a rank that exits while rank 0 still
-    writes results can abort in gloo's teardown ("terminate called without an active exception")."""
-    if is_dist():
-        try:
-            if wait_for_peers:
-                dist.barrier()
-        finally:
-            dist.destroy_process_group()
+    writes results can abort in gloo's teardown ("terminate called without an active exception").
+    Returns whether there was a group."""
+    if not is_dist():
+        return False
+    try:
+        if wait_for_peers:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return True
+
+
+def exit_now(code: int) -> None:
+    """End a torchrun rank without the interpreter's teardown: C++ threads of the communication
+    backend still alive then can abort the process (exit -6) after a run that succeeded. Every
+    file is already closed and synced; only stdio needs flushing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def broadcast_state(module: torch.nn.Module, src: int = 0) -> None:
