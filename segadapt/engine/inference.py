@@ -139,9 +139,15 @@ def predict_logits(
     views = view_logits(model, images, mode=mode, crop=crop, stride=stride, scales=scales, flip=flip,
                         num_classes=num_classes, window_batch=window_batch, align_corners=align_corners)
     out_size = (int(out_size[0]), int(out_size[1]))
+    return _merge_views(views, lambda logits: _resize(logits, out_size, align_corners), probs)
+
+
+def _merge_views(views: list[tuple[torch.Tensor, bool]], resize, probs: bool) -> torch.Tensor:
+    """Each view's logits through `resize` (and un-flipped): the logits of a single view
+    (``probs=False``), else the mean of the views' softmax."""
     total = None
     for logits, flipped in views:
-        logits = _resize(logits, out_size, align_corners)
+        logits = resize(logits)
         if flipped:
             logits = logits.flip(-1)
         if len(views) == 1 and not probs:
@@ -232,16 +238,7 @@ def strip_scores(views: list[tuple[torch.Tensor, bool]], out_size: Sequence[int]
                  probs: bool = False, align_corners: bool = False) -> torch.Tensor:
     """Rows ``y0:y1`` of what ``predict_logits`` returns, from ``view_logits``' output:
     logits for a single view (``probs=False``), else the mean of the views' softmax."""
-    total = None
-    for logits, flipped in views:
-        band = upsample_rows(logits, out_size, y0, y1, align_corners)
-        if flipped:
-            band = band.flip(-1)
-        if len(views) == 1 and not probs:
-            return band
-        p = band.softmax(dim=1)
-        total = p if total is None else total + p
-    return total / len(views)
+    return _merge_views(views, lambda logits: upsample_rows(logits, out_size, y0, y1, align_corners), probs)
 
 
 @torch.no_grad()
