@@ -30,6 +30,10 @@ class DatasetConfig:
     split: str = "train"  # cityscapes: train/val/test; gta5/synthia: all (or use list_file)
     list_file: Optional[str] = None  # names of the samples to use, relative to root
     resize: Optional[list[int]] = None  # [W, H]
+    # mmseg's Resize(keep_ratio=True): one factor, long side to the long side of `resize`, short
+    # to short (GTA5's 1914x1052 at [1280, 720] becomes 1280x704)
+    resize_keep_ratio: bool = False
+    resize_interpolation: str = "bicubic"  # bicubic | bilinear (mmcv's default)
     crop: Optional[list[int]] = None  # [W, H]
     # mmseg RandomCrop: re-draw (up to 10 times) while one class covers >= this share of the
     # crop's labelled pixels or it holds a single class; 1.0 = off

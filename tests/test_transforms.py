@@ -119,3 +119,31 @@ def test_dataset_resizes_before_the_random_crop(tmp_path):
         assert row == list(range(row[0], row[0] + 3)) and (item["label"] == item["label"][0]).all()
         starts.add(row[0])
     assert starts == {0, 1, 2, 3}
+
+
+def test_keep_ratio_size_is_mmcv_rescale():
+    """factor = min(long scale / long side, short scale / short side), sizes rounded half up."""
+    assert T.keep_ratio_size((1914, 1052), (1280, 720)) == (1280, 704)  # GTA5: 1280/1914 < 720/1052
+    assert T.keep_ratio_size((2048, 1024), (1024, 512)) == (1024, 512)
+    assert T.keep_ratio_size((1280, 760), (1280, 760)) == (1280, 760)
+    assert T.keep_ratio_size((100, 300), (60, 30)) == (20, 60)  # portrait: long side 300 -> 60
+    assert T.keep_ratio_size((10, 10), (7, 3)) == (3, 3)
+
+
+def test_dataset_keep_ratio_bilinear_resize(tmp_path):
+    from PIL import Image
+
+    from segadapt.data.datasets import build_dataset
+
+    from .test_datasets import cfg, save
+
+    img = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    save(tmp_path / "images/00000.png", img)
+    save(tmp_path / "labels/00000.png", np.full((20, 30), 7, np.uint8))
+    ds = build_dataset(cfg("gta5", tmp_path, resize=[12, 12], resize_keep_ratio=True, resize_interpolation="bilinear"))
+    item = ds[0]
+    assert item["image"].shape == (3, 8, 12) and item["label"].shape == (8, 12)  # 30x20 -> 12x8
+    expected = np.asarray(Image.fromarray(img).resize((12, 8), Image.BILINEAR))
+    assert torch.equal(item["image"], T.to_tensor(expected))
+    with pytest.raises(Exception, match="resize_interpolation"):
+        build_dataset(cfg("gta5", tmp_path, resize=[12, 12], resize_interpolation="lanczos"))

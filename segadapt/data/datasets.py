@@ -23,6 +23,8 @@ import torch.utils.data
 from segadapt.data import io as _io
 from segadapt.data.labels import IGNORE_INDEX, cityscapes_lut, map_labels, synthia_lut, train_id_lut
 from segadapt.data.transforms import (
+    INTERPOLATIONS,
+    keep_ratio_size,
     label_to_tensor,
     pad_to,
     random_crop,
@@ -134,6 +136,11 @@ class SegDataset(torch.utils.data.Dataset):
         self.split = getattr(cfg, "split", "train")
         self.list_file = getattr(cfg, "list_file", None)
         self.resize = _size_option(cfg, "resize")
+        self.resize_keep_ratio = bool(getattr(cfg, "resize_keep_ratio", False))
+        self.resize_interpolation = getattr(cfg, "resize_interpolation", "bicubic")
+        if self.resize_interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"dataset option resize_interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                              f"got {self.resize_interpolation!r}")
         self.crop = _size_option(cfg, "crop")
         self.flip = bool(getattr(cfg, "flip", False))
         self.cat_max_ratio = float(getattr(cfg, "cat_max_ratio", 1.0))
@@ -364,9 +371,10 @@ class SegDataset(torch.utils.data.Dataset):
             label = self.load_label_train_ids(i)
             label = self._fit_label(label, image.shape[:2], label_path, image_path)
         if self.resize is not None:
-            image = resize_image(image, self.resize)
+            size = keep_ratio_size(image.shape[1::-1], self.resize) if self.resize_keep_ratio else self.resize
+            image = resize_image(image, size, self.resize_interpolation)
             if label is not None and not self.keep_label_size:
-                label = resize_label(label, self.resize)
+                label = resize_label(label, size)
         if rng is not None:
             if self.crop is not None and crop_class is not None:
                 image, label = self._class_crop(image, label, rng, crop_class, crop_min_pixels, crop_attempts)

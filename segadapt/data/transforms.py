@@ -33,12 +33,24 @@ def _wh(size: Sequence[int]) -> Tuple[int, int]:
 # --------------------------------------------------------------------------- geometry
 
 
-def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Bicubic resize of an (H, W, 3) uint8 image to ``size`` = (W, H)."""
+INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def resize_image(image: np.ndarray, size: Sequence[int], interpolation: str = "bicubic") -> np.ndarray:
+    """Resize of an (H, W, 3) uint8 image to ``size`` = (W, H), bicubic (default) or bilinear."""
     w, h = _wh(size)
     if image.shape[1] == w and image.shape[0] == h:
         return image
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
+    return np.asarray(Image.fromarray(image).resize((w, h), INTERPOLATIONS[interpolation]))
+
+
+def keep_ratio_size(image_wh: Sequence[int], scale: Sequence[int]) -> Tuple[int, int]:
+    """mmcv's ``imrescale``: the image scaled by one factor so that its long side fits the
+    scale's long side and its short side the short one; (W, H), rounded half up."""
+    w, h = _wh(image_wh)
+    sw, sh = _wh(scale)
+    factor = min(max(sw, sh) / max(w, h), min(sw, sh) / min(w, h))
+    return int(w * factor + 0.5), int(h * factor + 0.5)
 
 
 def resize_label(label: np.ndarray, size: Sequence[int]) -> np.ndarray:
