@@ -42,8 +42,13 @@ def a_file(tmp_path):
     return p
 
 
-def full_disk(monkeypatch):
+def full_disk(monkeypatch, only: str = ""):
+    """fsync fails with ENOSPC (for files whose name holds `only`, when given)."""
+    real = os.fsync
+
     def no_space(fd):
+        if only and only not in os.readlink(f"/proc/self/fd/{fd}"):
+            return real(fd)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", no_space)
@@ -115,20 +120,15 @@ def test_full_disk_keeps_the_earlier_predictions(tiny_run, tiny_synth, tmp_path,
 
 def test_full_disk_at_a_checkpoint_is_one_line(tiny_synth, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    full_disk(monkeypatch)
+    full_disk(monkeypatch, only="last.pth")
     code = main(["train", "--no-progress", *tiny_overrides(tiny_synth, out, **{"train.iters": 2,
                                                                                 "train.ckpt_every": 1})])
     one_line_error(capsys, code, "cannot write", str(out / "last.pth"), "No space left on device")
     assert not (out / "last.pth").exists() and no_temp_files(out)
 
 
-def test_full_disk_at_a_plain_write_names_the_files(tiny_run, tmp_path, monkeypatch, capsys):
-    from pathlib import Path
-
-    def no_space(self, *a, **k):  # write() failing after open(): the error carries no file name
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(Path, "write_text", no_space)
+def test_full_disk_at_the_results_names_the_files(tiny_run, tmp_path, monkeypatch, capsys):
+    full_disk(monkeypatch, only="results.")
     code = main(["test", str(tiny_run), "--no-progress", "--out", str(tmp_path / "t")])
     one_line_error(capsys, code, "cannot write", str(tmp_path / "t" / "results."), "No space left on device")
 
