@@ -264,7 +264,7 @@ def test_stage1_then_stage2_from_its_run_folder(tiny_synth, tmp_path):
     method = trainer.method
     # D is stepped mid-step by the trainer (CUT's order), with the other optimizers
     assert set(trainer.optimizers) == {"segmenter", "generator", "discriminator", "patch_sampler"}
-    assert method.d_first
+    assert method.mcfg.cut.d_step == "first"  # CUT's order by default
     g0 = {k: v.clone() for k, v in method.cut.G.state_dict().items()}
     trainer.train()
     keys = set().union(*(json.loads(x) for x in (stage1 / "metrics.jsonl").read_text().splitlines()))

@@ -2,10 +2,11 @@
 segmenter, class prototypes built with cross-domain CAM weights, and
 pixel-to-prototype contrast, on DAFormer's self-training core.
 
-Stage 1, per iteration t (one backward; detaches route each loss to its networks):
+Stage 1, per iteration t (a backward per stage, see `end_stage`; detaches route each loss to
+its networks):
   1. x_s2t = G(x_s) keeps its graph to G; CUT's GAN + PatchNCE (+ identity) losses for
      G and F; D's halved LSGAN loss on the detached fake, by default (cut.d_step first, CUT's
-     order) with its own backward and step here, before the GAN term, which sees the updated D;
+     order) a stage of its own followed by D's step, before the GAN term, which sees the updated D;
   2. teacher pseudo-labels on x_t with the weight q; ClassMix of stopgrad(x_s2t) onto x_t;
   3. prototype update without gradient from the EMA head's raw projection of x_mix: the top-k
      pixels per class by weight, source pixels with uniform weights (random ties) up to
@@ -37,8 +38,7 @@ from ..errors import ConfigError, TrainingError
 from ..models.cut import CUT_FILES, ResnetGenerator, from_cut_range, load_cut_weights, to_cut_range
 from . import register_method
 from .augment import present_classes
-from .cut import (CUTSettings, build_cut_model, check_cut_settings, cut_optimizers, discriminator_first_losses,
-                  load_cut_folder)
+from .cut import CUTSettings, build_cut_model, check_cut_settings, cut_losses, cut_optimizers, load_cut_folder
 from .feature_distance import feature_distance_mask, masked_feature_distance
 from .losses import resize_labels
 from .minent import nested_config
@@ -274,7 +274,6 @@ class Confeti(DAFormer):
             protos = torch.zeros(c, m.proj_dim)
         self.register_buffer("prototypes", protos)
         self.register_buffer("prototype_seen", torch.full((c,), m.proto_init == "random"))
-        self.d_first = m.stage == 1 and m.cut.d_step == "first"
         if m.stage == 1:
             self.cut = build_cut_model(m.cut)
             if m.stylizer:
@@ -406,14 +405,8 @@ class Confeti(DAFormer):
         losses: dict = {}
         # 1. stylise (and CUT's own losses when G trains)
         if self.trains_stylizer:
-            cut_in_s, cut_in_t = to_cut_range(x_s), to_cut_range(x_t)
-            if self.d_first:  # D stepped before the GAN term (CUT's order)
-                g_losses, fake = discriminator_first_losses(self, self.cut, cut_in_s, cut_in_t)
-                losses.update(g_losses)
-            else:  # d_step joint: D's loss in the trainer's one backward
-                g_losses, fake = self.cut.generator_losses(cut_in_s, cut_in_t)
-                losses.update(g_losses)
-                losses.update(self.cut.discriminator_loss(fake, cut_in_t))
+            cut_step, fake = cut_losses(self, self.cut, to_cut_range(x_s), to_cut_range(x_t), m.cut.d_step)
+            losses.update(cut_step)
             x_s2t = from_cut_range(fake)
         else:
             with torch.no_grad():

@@ -5,7 +5,7 @@ with the identity term on target images). The segmenter is not used and not
 changed; the trainer skips segmentation evaluation (`trains_segmenter = False`).
 The discriminator terms see detached fakes and the generator's GAN term sees D
 with detached parameters, so each loss only reaches its own networks. D is
-updated in CUT's order (`d_step: first`, see `discriminator_first_losses`): its
+updated in CUT's order (`d_step: first`, see `cut_losses`): its
 loss on this iteration's fake is a stage of the step that the trainer
 back-propagates and follows with D's Adam step before G's GAN term is computed,
 so G trains against the updated D; `d_step: joint` sums D's loss into the
@@ -61,11 +61,15 @@ class CUTSettings:
     d_step: str = "first"
 
 
-def discriminator_first_losses(method: UDAMethod, cut: CUTModel, x_src: torch.Tensor, x_tgt: torch.Tensor):
-    """`generator_losses` with D updated first, in CUT's order: once G has run, D's loss
-    0.5 * (LSGAN(D(stopgrad(fake)), 0) + LSGAN(D(real), 1)) is a stage of its own (in fp32, as
-    CUT has no mixed precision) that the trainer back-propagates and follows with D's optimizer
-    step, so that the GAN term computed next sees the updated D. Returns (losses, fake)."""
+def cut_losses(method: UDAMethod, cut: CUTModel, x_src: torch.Tensor, x_tgt: torch.Tensor, d_step: str):
+    """CUT's G, F and D losses of one step: (losses, fake). `d_step='first'` (CUT's order): once
+    G has run, D's loss 0.5 * (LSGAN(D(stopgrad(fake)), 0) + LSGAN(D(real), 1)) is a stage of its
+    own (in fp32, as CUT has no mixed precision) that the trainer back-propagates and follows with
+    D's optimizer step, so that the GAN term computed next sees the updated D. `'joint'`: D's loss
+    is returned with the others, for the step's last backward."""
+    if d_step == "joint":
+        g_losses, fake = cut.generator_losses(x_src, x_tgt)
+        return {**g_losses, **cut.discriminator_loss(fake, x_tgt)}, fake
 
     def update_discriminator(fake: torch.Tensor) -> dict:
         with torch.autocast(fake.device.type, enabled=False):
@@ -116,10 +120,7 @@ class CUTPretraining(UDAMethod):
     def training_step(self, batch: dict, it: int) -> dict:
         x_src = to_cut_range(batch["source"]["image"])
         x_tgt = to_cut_range(batch["target"]["image"])
-        if self.mcfg.d_step == "first":
-            return discriminator_first_losses(self, self.cut, x_src, x_tgt)[0]
-        g_losses, fake = self.cut.generator_losses(x_src, x_tgt)
-        return {**g_losses, **self.cut.discriminator_loss(fake, x_tgt)}
+        return cut_losses(self, self.cut, x_src, x_tgt, self.mcfg.d_step)[0]
 
     def build_optimizers(self) -> dict[str, ScheduledOptimizer]:
         return cut_optimizers(self.cut, self.mcfg)
