@@ -366,6 +366,18 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()  # mkstemp creates 0600 files; written outputs get the usual permissions
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file (fd, name) in `path`'s folder, created if missing; OSError when
+    a file stands where the folder should be or a folder where `path` should be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file stands where the folder should be
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
 @contextlib.contextmanager
 def atomic_write(path: PathLike, mode: str = "wb", encoding: Optional[str] = None) -> Iterator:
     """Write ``path`` all or nothing: yields a temporary file in the same folder (parents are
@@ -378,13 +390,7 @@ def atomic_write(path: PathLike, mode: str = "wb", encoding: Optional[str] = Non
     path = Path(path)
     tmp = None
     try:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:  # a file stands where the folder should be
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
-        if path.is_dir():
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _temp_beside(path)
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
@@ -407,13 +413,7 @@ def ensure_writable(path: PathLike) -> Path:
     should be, a read-only file system, no permission). ``path`` itself is not touched."""
     path = Path(path)
     try:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
-        if path.is_dir():
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _temp_beside(path)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
