@@ -1,5 +1,6 @@
 import json
 import math
+import tempfile
 
 import numpy as np
 import pytest
@@ -221,7 +222,7 @@ def test_unwritable_cache_is_named_with_a_remedy(tmp_path, monkeypatch):
     def read_only(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(rcs.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
     with pytest.raises(DatasetError) as e:
         dataset_class_counts(ds)
     msg = str(e.value)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -22,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError, OutputError
+from .io import ensure_writable, write_text_atomic
 from .labels import IGNORE_INDEX, NUM_CLASSES
 from .sampling import _draw_seed
 
@@ -116,12 +116,9 @@ def _check_writable(path: Path, dataset_kind: str, root) -> None:
     hint = (f"run `segadapt prepare --kind {dataset_kind} --root {root} --out FILE` with FILE somewhere "
             f"writable and set method.rcs_stats=FILE")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise DatasetError(f"cannot write the class statistics cache {path} ({e.strerror}); {hint}") from None
+        ensure_writable(path)
+    except OutputError as e:
+        raise DatasetError(f"class statistics cache: {e}; {hint}") from None
 
 
 def write_class_stats(path: Path, images: dict, kind: str, root) -> None:
@@ -130,16 +127,7 @@ def write_class_stats(path: Path, images: dict, kind: str, root) -> None:
     _check_writable(path, kind, root)
     data = {"format": STATS_FORMAT, "version": STATS_VERSION, "kind": kind, "root": str(root),
             "classes": NUM_CLASSES, "images": dict(sorted(images.items()))}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, separators=(",", ":"))
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared data
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(data, separators=(",", ":")))
 
 
 def dataset_class_counts(dataset, path=None, num_classes: int = NUM_CLASSES, workers: int = 0,
