@@ -124,7 +124,7 @@ def cmd_test(args) -> int:
     from .data.io import ensure_writable
     from .errors import CheckpointError, write_error
     from .models.checkpoints import load_pretrained, read_checkpoint
-    from .models.deeplabv2 import build_segmenter
+    from .models.segmenter import build_segmenter
 
     ckpt_path = Path(args.checkpoint)
     if ckpt_path.is_dir():

@@ -46,7 +46,9 @@ class DatasetConfig:
 
 @dataclass
 class ModelConfig:
+    # deeplabv2: ResNet + ASPP classifiers (ADVENT) | encoder_decoder: MiT / DINOv2 ViT + decode head
     arch: str = "deeplabv2"
+    # deeplabv2: resnet18/34/50/101; encoder_decoder: mit_b0..mit_b5, dinov2_vits14/vitb14/vitl14
     backbone: str = "resnet101"
     base_width: int = 64  # 64 = standard widths; 16/32 for CPU work
     # caffe: ADVENT's Caffe ResNet (frozen BN affine, ceil-mode pool, stride in the 1x1);
@@ -66,6 +68,16 @@ class ModelConfig:
     # freezes running statistics too, better for batch size 1.
     bn_mode: str = "train"
     pretrained: Optional[str] = None
+    # encoder_decoder only -------------------------------------------------------------
+    decode_head: str = "daformer"  # daformer (DAFormer's context-aware fusion) | linear
+    head_channels: int = 256  # DAFormer head embedding width
+    head_dropout: float = 0.1
+    fusion_dilations: list[int] = field(default_factory=lambda: [1, 6, 12, 18])  # DAFormer head ASPP
+    drop_path_rate: Optional[float] = None  # None = the backbone's (MiT 0.1)
+    embed_dims: Optional[list[int]] = None  # width override: MiT 4 stage widths, ViT one width
+    vit_depth: Optional[int] = None  # ViT overrides for narrow models
+    vit_heads: Optional[int] = None
+    out_indices: Optional[list[int]] = None  # ViT blocks feeding the head (None = the preset's four)
 
 
 @dataclass
@@ -77,6 +89,10 @@ class OptimConfig:
     weight_decay: float = 5e-4
     head_lr_mult: float = 10.0  # classifier (and projection heads) learning-rate factor
     no_decay_norm: bool = False  # AdamW family: no weight decay on norm parameters
+    # mmcv's paramwise custom_keys decay_mult 0: no weight decay on parameters whose name contains
+    # one of these (DAFormer's MiT configs: [norm, pos_block]); None = the no_decay_norm rule
+    no_decay_keys: Optional[list[str]] = None
+    layer_decay: Optional[float] = None  # ViT layer-wise lr decay (lr * decay^(depth + 1 - layer))
     poly_power: float = 0.9
     poly_iters: Optional[int] = None  # poly horizon; None = train.iters (ADVENT: 250000)
     warmup_iters: int = 0
@@ -94,6 +110,11 @@ class OptimConfig:
 
     def __post_init__(self):
         _choice(self.param_list, list(PARAM_LISTS), "optim.param_list")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay!r}")
+        if self.no_decay_keys is not None and (self.no_decay_norm or self.param_list != "unique"):
+            raise ConfigError("optim.no_decay_keys replaces optim.no_decay_norm (set it false) and needs "
+                              "optim.param_list=unique")
         if self.param_list == "advent_repeated" and (self.name != "sgd" or self.no_decay_norm):
             raise ConfigError("optim.param_list=advent_repeated reproduces ADVENT's SGD: it needs "
                               "optim.name=sgd and optim.no_decay_norm=false")

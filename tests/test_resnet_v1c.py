@@ -133,10 +133,11 @@ def test_r101_v1c_keys_match_mmseg_resnetv1c(r101_meta):
 
 def test_r101_mmseg_checkpoint_maps_without_missing_or_unexpected(r101_meta):
     sd = tensors(mmseg_segmentor_keys(101, 64), device="meta")
-    mapped, fmt = extract_state_dict({"meta": {"iter": 40000}, "state_dict": sd}, "r101.pth")
-    assert fmt == "mmseg"
+    raw, fmt = extract_state_dict({"meta": {"iter": 40000}, "state_dict": sd}, "r101.pth")
+    assert fmt == "mmseg" and set(raw) == set(sd)
+    mapped, _ = r101_meta.adapt_checkpoint(raw, fmt)
     assert set(mapped) == set(r101_meta.state_dict())
-    rep = load_state_dict_checked(r101_meta, mapped, fmt, path="r101.pth", strict_head=True)
+    rep = load_state_dict_checked(r101_meta, raw, fmt, path="r101.pth", strict_head=True)
     assert rep.missing == [] and rep.skipped == [] and len(rep.loaded) == len(sd)
 
 

@@ -136,6 +136,20 @@ def _unique_with_visits(params: list) -> tuple[list, list[int]]:
     return unique, visits
 
 
+def layer_decay_groups(model, named_params: list, decay: float) -> list[dict]:
+    """Backbone (name, param) pairs -> one group per depth with lr_mult = decay^(depth + 1 - layer)
+    (BEiT / DINOv2 layer-wise decay: the patch embedding learns slowest, the last block fastest)."""
+    depth = getattr(model, "num_layers", None)
+    if depth is None:
+        raise ConfigError("optim.layer_decay needs a backbone with numbered layers (a ViT); "
+                          f"{getattr(model, 'backbone_name', type(model).__name__)} has none")
+    by_layer: dict[int, list] = {}
+    for n, p in named_params:
+        layer = model.layer_id(n)
+        by_layer.setdefault(depth + 1 if layer is None else layer, []).append((n, p))
+    return [{"params": by_layer[k], "lr_mult": decay ** (depth + 1 - k)} for k in sorted(by_layer)]
+
+
 def _is_norm(name: str, p: torch.Tensor) -> bool:
     return p.ndim <= 1 and ("bn" in name or "norm" in name or "downsample.1" in name)
 
@@ -152,9 +166,13 @@ def build_optimizer(cfg: OptimConfig, groups: Iterable[dict], total_iters: int) 
         named = [item if isinstance(item, tuple) else ("", item) for item in g["params"]]
         named = [(n, p) for n, p in named if p.requires_grad]
         lr = cfg.lr * g.get("lr_mult", 1.0)
-        if cfg.no_decay_norm:
-            decay = [p for n, p in named if not _is_norm(n, p)]
-            no_decay = [p for n, p in named if _is_norm(n, p)]
+        if cfg.no_decay_norm or cfg.no_decay_keys is not None:
+            if cfg.no_decay_keys is not None:
+                exempt = [any(key in n for key in cfg.no_decay_keys) for n, _ in named]
+            else:
+                exempt = [_is_norm(n, p) for n, p in named]
+            decay = [p for (n, p), e in zip(named, exempt) if not e]
+            no_decay = [p for (n, p), e in zip(named, exempt) if e]
             if decay:
                 param_groups.append({"params": decay, "initial_lr": lr, "lr": lr, "weight_decay": cfg.weight_decay})
             if no_decay:

@@ -78,7 +78,7 @@ def load_segmenter(checkpoint: str | os.PathLike, config: Optional[str] = None,
     """
     from ..config import load_config
     from ..models.checkpoints import extract_state_dict, load_state_dict_checked, read_checkpoint
-    from ..models.deeplabv2 import build_segmenter
+    from ..models.segmenter import build_segmenter
     from .checkpoint import FORMAT
 
     path = resolve_checkpoint(checkpoint)

@@ -33,7 +33,7 @@ from ..data.sampling import DataStream
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..methods import build_method
 from ..models.checkpoints import load_pretrained
-from ..models.deeplabv2 import build_segmenter
+from ..models.segmenter import build_segmenter
 from . import distributed as dist_utils
 from .checkpoint import FORMAT, VERSION, atomic_save, first_non_finite, load_checkpoint, rng_state, set_rng_state
 from .evaluator import evaluate, inference_options, subsets_for

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..engine.optim import ScheduledOptimizer, advent_repeated_backbone, build_optimizer
+from ..engine.optim import ScheduledOptimizer, advent_repeated_backbone, build_optimizer, layer_decay_groups
 
 IGNORE_INDEX = 255
 
@@ -100,10 +100,10 @@ class UDAMethod(nn.Module):
         backbone = [(n, p) for n, p in named if id(p) not in head_ids]
         if self.cfg.optim.param_list == "advent_repeated":
             backbone = advent_repeated_backbone(self.model, backbone)
-        return [
-            {"params": backbone, "lr_mult": 1.0},
-            {"params": [(n, p) for n, p in named if id(p) in head_ids], "lr_mult": self.cfg.optim.head_lr_mult},
-        ]
+        head = {"params": [(n, p) for n, p in named if id(p) in head_ids], "lr_mult": self.cfg.optim.head_lr_mult}
+        if self.cfg.optim.layer_decay is not None:
+            return layer_decay_groups(self.model, backbone, self.cfg.optim.layer_decay) + [head]
+        return [{"params": backbone, "lr_mult": 1.0}, head]
 
     def build_optimizers(self) -> dict[str, ScheduledOptimizer]:
         """Name -> optimizer with schedule. Subclasses add their own (discriminators, style nets)."""

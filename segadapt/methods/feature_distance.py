@@ -20,14 +20,13 @@ from .base import IGNORE_INDEX
 
 
 class FrozenBackbone(nn.Module):
-    """A frozen, always-eval copy of a DeepLabV2's trunk (classifiers dropped); returns layer4 features."""
+    """A frozen, always-eval copy of a segmenter's backbone (heads dropped); returns the last
+    level's features (ResNet layer4, MiT stage 4, the ViT's last block: DAFormer's choice)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         trunk = copy.deepcopy(model)
-        for head in ("layer5", "layer6"):  # not needed: keep memory and checkpoints smaller
-            if getattr(trunk, head, None) is not None:
-                setattr(trunk, head, None)
+        trunk.drop_heads()  # not needed: keep memory and checkpoints smaller
         trunk.requires_grad_(False)
         self.trunk = trunk.eval()
 
@@ -38,9 +37,7 @@ class FrozenBackbone(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.trunk
-        x = m.forward_stem(m.normalize(x))
-        return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+        return self.trunk.extract_features(x)[-1]
 
 
 def downscale_label_ratio(labels: torch.Tensor, size: tuple[int, int], min_ratio: float,

@@ -9,16 +9,19 @@ Supported formats (detected from the file's keys):
 * ``classification`` -- a plain ImageNet classification ResNet state dict
   (``fc.*`` present); ``fc.*`` is skipped, the trunk loaded;
 * ``segadapt``    -- ``{'model': state_dict, 'format': 'segadapt', ...}``;
-* ``mmseg``       -- an mmseg ``EncoderDecoder`` (DAFormer / CONFETI DeepLabV2:
-  ResNetV1c + ``DLV2Head``): ``backbone.*`` -> trunk keys,
-  ``decode_head.aspp_modules.i.conv.*`` -> ``layer6.conv2d_list.i.*``. A UDA
-  checkpoint (``model.`` / ``ema_model.`` / ``imnet_model.`` / extra heads) gives
-  its ``model.`` segmenter, the one DAFormer's test script evaluates. Only
-  ``resnet_style='v1c'`` models take this format;
+* ``mmseg``       -- an mmseg ``EncoderDecoder``: ``backbone.*`` + ``decode_head.*``. A UDA
+  checkpoint (``model.`` / ``ema_model.`` / ``imnet_model.`` / extra heads) gives its
+  ``model.`` segmenter, the one DAFormer's test script evaluates. The model maps the keys
+  (``adapt_checkpoint``): DeepLabV2 takes DAFormer / CONFETI's ResNetV1c + ``DLV2Head``
+  (``decode_head.aspp_modules.i.conv.*`` -> ``layer6.conv2d_list.i.*``, ``resnet_style='v1c'``
+  only); the encoder-decoder (MiT / DINOv2 + DAFormer head) has mmseg's layout itself;
+* ``imagenet_backbone`` -- a published ImageNet backbone file for the encoder-decoder
+  (``mit_b*.pth``, ``dinov2_vit*14_pretrain.pth``): its keys go under ``backbone.``, its
+  classifier is skipped;
 * any of the above inside ``{'state_dict': ...}``, with ``module.`` (DDP) or
   ``_orig_mod.`` (torch.compile) prefixes.
 
-Initialisation files (``imagenet_init``, ``classification``) only need to
+Initialisation files (``imagenet_init``, ``classification``, ``imagenet_backbone``) only need to
 cover the trunk: the classifiers may be missing, and classifier tensors whose
 shape differs (another number of classes) are skipped with a warning. A full
 checkpoint (``advent``, ``segadapt``) must match the model exactly in the
@@ -197,8 +200,7 @@ def extract_state_dict(obj: object, path: str = "<object>") -> Tuple[Dict[str, T
         # mmseg UDA wrapper (DAFormer/CONFETI): keep the student segmenter
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     if fmt is None and any(k.startswith("backbone.") for k in sd):
-        fmt = "mmseg"
-        sd = _from_mmseg(sd)
+        fmt = "mmseg"  # keys as in the file: the model maps them (``adapt_checkpoint``)
     if fmt is None:
         if any(k.startswith("Scale.") for k in sd):
             fmt = "imagenet_init"
@@ -212,7 +214,7 @@ def extract_state_dict(obj: object, path: str = "<object>") -> Tuple[Dict[str, T
     return sd, fmt
 
 
-def _from_mmseg(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def mmseg_to_deeplabv2(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """mmseg EncoderDecoder keys -> ours; keys with no counterpart stay as they are (reported unexpected)."""
     out: Dict[str, Tensor] = {}
     for k, v in sd.items():
@@ -238,6 +240,9 @@ def load_state_dict_checked(
 ) -> LoadReport:
     """Load an already-unwrapped state dict with the rules of ``load_pretrained``."""
     head_prefixes: Sequence[str] = getattr(model, "HEAD_PREFIXES", DEFAULT_HEAD_PREFIXES)
+    adapt = getattr(model, "adapt_checkpoint", None)
+    if adapt is not None:
+        sd, fmt = adapt(sd, fmt)
     style = getattr(model, "resnet_style", None)
     if fmt == "mmseg" and style is not None and style != "v1c":
         # same keys as the caffe-style trunk with the v1c stem, another network
@@ -245,7 +250,7 @@ def load_state_dict_checked(
             f"checkpoint {path} (mmseg) holds an mmseg ResNetV1c segmenter; the model is "
             f"resnet_style={style!r}: set model.resnet_style=v1c"
         )
-    init_file = fmt in ("imagenet_init", "classification")
+    init_file = fmt in ("imagenet_init", "classification", "imagenet_backbone")
     target = model.state_dict()
     report = LoadReport(path=path, format=fmt)
 

@@ -36,6 +36,7 @@ __all__ = [
     "normalize_input",
     "ClassifierModule",
     "DeepLabV2",
+    "build_deeplabv2",
     "build_segmenter",
 ]
 
@@ -172,6 +173,27 @@ class DeepLabV2(ResNet):
             out["features"] = c4
         return out
 
+    def extract_features(self, x: Tensor) -> List[Tensor]:
+        """layer1 .. layer4 outputs (the feature levels, finest first)."""
+        x = self.forward_stem(self.normalize(x))
+        feats = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+    def drop_heads(self) -> None:
+        """Keep only what ``extract_features`` needs (frozen feature-distance copies)."""
+        self.layer5 = self.layer6 = None
+
+    def adapt_checkpoint(self, sd: Dict[str, Tensor], fmt: str) -> Tuple[Dict[str, Tensor], str]:
+        """mmseg segmentor keys (``backbone.*``, ``decode_head.aspp_modules.*``) -> ours."""
+        if fmt == "mmseg":
+            from .checkpoints import mmseg_to_deeplabv2
+
+            return mmseg_to_deeplabv2(sd), fmt
+        return sd, fmt
+
     def head_parameters(self) -> List[nn.Parameter]:
         mods = [m for m in (self.layer5, self.layer6) if m is not None]
         return [p for m in mods for p in m.parameters() if p.requires_grad]
@@ -192,8 +214,15 @@ def _cfg_get(cfg, name: str, default):
     return getattr(cfg, name, default)
 
 
-def build_segmenter(cfg) -> DeepLabV2:
-    """Build the segmenter from a config object (attributes or a dict).
+def build_segmenter(cfg) -> nn.Module:
+    """Any segmenter (``segmenter.build_segmenter``); kept here for existing callers."""
+    from .segmenter import build_segmenter as build_any
+
+    return build_any(cfg)
+
+
+def build_deeplabv2(cfg) -> DeepLabV2:
+    """Build the DeepLabV2 segmenter from a config object (attributes or a dict).
 
     Fields: ``arch`` ('deeplabv2'), ``backbone`` ('resnet101'|'resnet50'|
     'resnet34'|'resnet18'), ``resnet_style`` ('caffe'|'v1c'), ``base_width``
@@ -206,10 +235,11 @@ def build_segmenter(cfg) -> DeepLabV2:
     """
     arch = _cfg_get(cfg, "arch", "deeplabv2")
     if arch != "deeplabv2":
-        raise ConfigError(f"model.arch: unknown architecture {arch!r}; supported: 'deeplabv2'")
+        raise ConfigError(f"model.arch: {arch!r} is not DeepLabV2")
     backbone = _cfg_get(cfg, "backbone", "resnet101")
     if backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone: unknown backbone {backbone!r}; supported: {', '.join(BACKBONES)}")
+        raise ConfigError(f"model.backbone: unknown backbone {backbone!r} for arch deeplabv2; supported: "
+                          f"{', '.join(BACKBONES)} (MiT / DINOv2 ViT: arch encoder_decoder)")
     resnet_style = _cfg_get(cfg, "resnet_style", "caffe")
     if resnet_style not in RESNET_STYLES:
         raise ConfigError(

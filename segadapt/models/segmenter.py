@@ -1,0 +1,196 @@
+"""Every segmenter segadapt builds, behind one interface, and the builder that picks one.
+
+Two architectures (``model.arch``):
+
+* ``deeplabv2`` -- ADVENT's DeepLabV2 on a dilated ResNet (``deeplabv2.py``);
+* ``encoder_decoder`` -- a backbone giving a feature pyramid (``model.backbone``:
+  SegFormer's MiT-B0..B5 or a DINOv2 ViT-S/B/L-14) and a decode head
+  (``model.decode_head``: DAFormer's context-aware fusion head or a linear head),
+  in mmseg's ``EncoderDecoder`` state-dict layout (``backbone.*``, ``decode_head.*``),
+  so DAFormer / MIC checkpoints load by path with nothing renamed.
+
+What methods may rely on, whatever the architecture:
+
+* ``model(x)`` with ``x`` RGB in [0, 1] -> ``{'main': logits}`` (+ ``'aux'`` when the
+  model has an auxiliary classifier) at the model's output stride, not upsampled;
+* ``model(x, return_features=True)`` adds ``'features'``: the backbone's last level
+  (ResNet layer4, MiT stage 4, the ViT's last selected block), ``model.feature_channels``
+  wide -- what feature-level methods (prototypes, contrast, feature distance) use;
+* ``model.extract_features(x)`` -> the backbone's levels, finest first;
+* ``model.param_groups()`` -> ``{'backbone': [...], 'head': [...]}``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from segadapt.errors import ConfigError
+
+from .deeplabv2 import BACKBONES as RESNET_BACKBONES
+from .deeplabv2 import NORMALIZATIONS, InputNormalization, build_deeplabv2
+
+__all__ = ["ARCHS", "DECODE_HEADS", "EncoderDecoder", "build_segmenter", "build_backbone", "encoder_backbones"]
+
+ARCHS = ("deeplabv2", "encoder_decoder")
+DECODE_HEADS = ("daformer", "linear")
+
+
+def encoder_backbones() -> Tuple[str, ...]:
+    """Backbone names the encoder-decoder accepts."""
+    from .mit import MIT_PRESETS
+    from .vit import DINOV2_PRESETS
+
+    return tuple(MIT_PRESETS) + tuple(DINOV2_PRESETS)
+
+
+class EncoderDecoder(nn.Module):
+    """Backbone (feature levels) + decode head, mmseg's layout; no auxiliary classifier."""
+
+    HEAD_PREFIXES: Tuple[str, ...] = ("decode_head.",)
+
+    def __init__(self, backbone: nn.Module, decode_head: nn.Module, num_classes: int,
+                 normalization: str = "imagenet_rgb", backbone_name: str = "") -> None:
+        super().__init__()
+        self.normalization = normalization
+        self.normalize = InputNormalization(normalization)
+        self.backbone = backbone
+        self.decode_head = decode_head
+        self.num_classes = num_classes
+        self.backbone_name = backbone_name
+        self.aux = False
+        self.feature_channels: int = int(backbone.out_channels[-1])
+        self.feature_stride: int = int(backbone.strides[-1])
+
+    def extract_features(self, x: Tensor) -> List[Tensor]:
+        return list(self.backbone(self.normalize(x)))
+
+    def forward(self, x: Tensor, return_features: bool = False) -> Dict[str, Tensor]:
+        feats = self.extract_features(x)
+        out: Dict[str, Tensor] = {"main": self.decode_head(feats)}
+        if return_features:
+            out["features"] = feats[-1]
+        return out
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.decode_head.parameters() if p.requires_grad]
+
+    def backbone_parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    def param_groups(self) -> Dict[str, List[nn.Parameter]]:
+        return {"backbone": self.backbone_parameters(), "head": self.head_parameters()}
+
+    def layer_id(self, name: str) -> Optional[int]:
+        """Depth index of a parameter for layer-wise learning-rate decay (None: not supported)."""
+        fn = getattr(self.backbone, "layer_id", None)
+        if fn is None or not name.startswith("backbone."):
+            return None
+        return fn(name[len("backbone."):])
+
+    @property
+    def num_layers(self) -> Optional[int]:
+        return getattr(self.backbone, "depth", None)
+
+    def drop_heads(self) -> None:
+        """Keep only what ``extract_features`` needs (frozen feature-distance copies)."""
+        self.decode_head = None
+
+    def adapt_checkpoint(self, sd: Dict[str, Tensor], fmt: str) -> Tuple[Dict[str, Tensor], str]:
+        """A file's keys -> this layout. mmseg segmentors and segadapt checkpoints already have it;
+        a published ImageNet backbone file (``mit_b5.pth``, ``dinov2_vitl14_pretrain.pth``) has the
+        backbone's keys without prefix (plus its own classifier, skipped)."""
+        if fmt in ("mmseg", "segadapt") or any(k.startswith(("backbone.", "decode_head.")) for k in sd):
+            return sd, fmt
+        convert = getattr(self.backbone, "convert_published", None)
+        if convert is not None:
+            sd = convert(sd)
+        skip = tuple(getattr(self.backbone, "PUBLISHED_CLASSIFIER_KEYS", ()))
+        return {f"backbone.{k}": v for k, v in sd.items() if k not in skip}, "imagenet_backbone"
+
+
+def _cfg_get(cfg, name: str, default):
+    if isinstance(cfg, dict):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+def _positive_ints(value, what: str) -> Optional[List[int]]:
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or not value
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+        raise ConfigError(f"{what} must be a non-empty list of positive integers, got {value!r}")
+    return list(value)
+
+
+def build_backbone(cfg) -> nn.Module:
+    """The encoder-decoder's backbone from ``model.backbone`` and its overrides."""
+    from .mit import MIT_PRESETS, build_mit
+    from .vit import DINOV2_PRESETS, build_dinov2
+
+    name = _cfg_get(cfg, "backbone", "mit_b5")
+    drop_path = _cfg_get(cfg, "drop_path_rate", None)
+    if drop_path is not None and (isinstance(drop_path, bool) or not isinstance(drop_path, (int, float))
+                                  or not 0.0 <= drop_path < 1.0):
+        raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {drop_path!r}")
+    widths = _positive_ints(_cfg_get(cfg, "embed_dims", None), "model.embed_dims")
+    if name in MIT_PRESETS:
+        kwargs = {} if drop_path is None else {"drop_path_rate": float(drop_path)}
+        return build_mit(name, embed_dims=widths, **kwargs)
+    if name in DINOV2_PRESETS:
+        if widths is not None and len(widths) != 1:
+            raise ConfigError(f"model.embed_dims for a ViT is one width, got {widths!r}")
+        kwargs = {} if drop_path is None else {"drop_path_rate": float(drop_path)}
+        depth = _cfg_get(cfg, "vit_depth", None)
+        heads = _cfg_get(cfg, "vit_heads", None)
+        return build_dinov2(name, out_indices=_cfg_get(cfg, "out_indices", None),
+                            embed_dim=widths[0] if widths else None, depth=depth, num_heads=heads, **kwargs)
+    raise ConfigError(f"model.backbone: unknown backbone {name!r} for arch encoder_decoder; supported: "
+                      f"{', '.join(encoder_backbones())} (ResNets: arch deeplabv2)")
+
+
+def build_decode_head(cfg, in_channels: Sequence[int], num_classes: int) -> nn.Module:
+    from .decode_heads import DAFormerHead, LinearHead
+
+    kind = _cfg_get(cfg, "decode_head", "daformer")
+    if kind == "daformer":
+        dilations = _positive_ints(_cfg_get(cfg, "fusion_dilations", [1, 6, 12, 18]), "model.fusion_dilations")
+        return DAFormerHead(list(in_channels), num_classes=num_classes,
+                            embed_dims=int(_cfg_get(cfg, "head_channels", 256)),
+                            fusion_dilations=tuple(dilations), dropout=float(_cfg_get(cfg, "head_dropout", 0.1)))
+    if kind == "linear":
+        return LinearHead(list(in_channels), num_classes=num_classes)
+    raise ConfigError(f"model.decode_head: unknown head {kind!r}; supported: {', '.join(DECODE_HEADS)}")
+
+
+def build_segmenter(cfg) -> nn.Module:
+    """The segmenter of a ``model`` config (attributes or a dict); see the module doc.
+    Invalid values raise ``ConfigError``; ``model.pretrained`` is loaded by path."""
+    arch = _cfg_get(cfg, "arch", "deeplabv2")
+    if arch == "deeplabv2":
+        return build_deeplabv2(cfg)
+    if arch != "encoder_decoder":
+        raise ConfigError(f"model.arch: unknown architecture {arch!r}; supported: {', '.join(ARCHS)}")
+    name = _cfg_get(cfg, "backbone", "mit_b5")
+    if name in RESNET_BACKBONES:
+        raise ConfigError(f"model.backbone={name!r} is a ResNet: use model.arch=deeplabv2")
+    normalization = _cfg_get(cfg, "normalization", "imagenet_rgb")
+    if normalization not in NORMALIZATIONS:
+        raise ConfigError(f"model.normalization: unknown normalization {normalization!r}; "
+                          f"supported: {', '.join(NORMALIZATIONS)}")
+    num_classes = _cfg_get(cfg, "num_classes", 19)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"model.num_classes must be a positive integer, got {num_classes!r}")
+    if _cfg_get(cfg, "aux", False):
+        raise ConfigError("model.aux=true: the encoder-decoder has no auxiliary classifier (set model.aux=false)")
+    backbone = build_backbone(cfg)
+    head = build_decode_head(cfg, backbone.out_channels, num_classes)
+    model = EncoderDecoder(backbone, head, num_classes, normalization=normalization, backbone_name=name)
+    pretrained = _cfg_get(cfg, "pretrained", None)
+    if pretrained:
+        from .checkpoints import load_pretrained
+
+        load_pretrained(model, pretrained)
+    return model
