@@ -1,5 +1,5 @@
-"""ClassMix and the strong photometric augmentation of DACS, on whole batches on
-the device (plain torch; images are RGB in [0, 1], (B, 3, H, W)).
+"""ClassMix and the strong photometric augmentation of DACS, and MIC's block masking,
+on whole batches on the device (plain torch; images are RGB in [0, 1], (B, 3, H, W)).
 
 Randomness comes from the global torch RNG of the batch's device, which the
 trainer checkpoints, so a resumed run draws the same masks and augmentations.
@@ -10,6 +10,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from ..models.deeplabv2 import ADVENT_BGR_MEAN, IMAGENET_MEAN
 
 
 # --------------------------------------------------------------------------- ClassMix
@@ -182,8 +184,39 @@ def random_gaussian_blur(x: torch.Tensor, p: float, sigma_range, kernel_ratio: f
     return torch.where(_per_image(apply), gaussian_blur(x, sigma, kernel), x)
 
 
+# --------------------------------------------------------------------------- masking (MIC)
+def block_mask(batch: int, height: int, width: int, block_size: int, ratio: float, device=None,
+               generator=None) -> torch.Tensor:
+    """(B, 1, H, W) float mask of 0/1 blocks, MIC's block mask generator: a grid of
+    round(H / block_size) x round(W / block_size) cells (at least 1), each kept (1) when
+    u ~ U(0, 1) > ratio, spread over the image as a nearest-neighbour resize (cells are
+    block_size pixels when it divides the side, H / rows otherwise)."""
+    rows, cols = max(1, round(height / block_size)), max(1, round(width / block_size))
+    cells = torch.rand(batch, 1, rows, cols, device=device, generator=generator) > ratio
+    # nearest resize: output pixel y reads cell floor(y * rows / H), in integers
+    row_of = torch.arange(height, device=cells.device) * rows // height
+    col_of = torch.arange(width, device=cells.device) * cols // width
+    return cells[:, :, row_of][:, :, :, col_of].float()
+
+
+def normalization_mean_rgb(kind: str) -> tuple[float, float, float]:
+    """The RGB [0, 1] colour that a model's input normalisation maps to zero: masked pixels get it,
+    as MIC multiplies the normalised image by the mask."""
+    if kind == "advent_bgr":
+        return tuple(v / 255.0 for v in reversed(ADVENT_BGR_MEAN))
+    if kind == "imagenet_rgb":
+        return tuple(IMAGENET_MEAN)
+    raise ValueError(f"unknown normalization {kind!r}")
+
+
+def mask_image(x: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """x (B, 3, H, W) where mask (B, 1, H, W) is 1, the colour `fill` (3,) where it is 0."""
+    return torch.where(mask.bool(), x, fill.to(x.dtype).view(1, -1, 1, 1))
+
+
 __all__ = [
     "APPLY_PER", "present_classes", "choose_mix_classes", "class_mix_mask", "mix", "color_jitter",
     "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "rgb_to_hsv", "hsv_to_rgb",
     "blur_kernel_size", "gaussian_kernels", "gaussian_blur", "random_gaussian_blur",
+    "block_mask", "normalization_mean_rgb", "mask_image",
 ]

@@ -17,6 +17,8 @@ its networks):
      projections reg_proj(proj(f(x_s2t))) and stopgrad(proj(f(x_s))), the segmenter and head frozen for
      this term (no gradient, running BatchNorm statistics untouched); reaches G and reg_proj;
   6. student on x_mix: pixel-weighted CE, CAM loss (after `cam_mix_start`), contrast;
+     (`mic`) then, a stage of its own, the student on the jittered, block-masked x_t: the
+     same weighted CE against the teacher's pseudo-labels of the unmasked x_t (see DACS);
   7. target contrast: student on x_t with the teacher's pseudo-labels, scaled by q.
 Stage 2: G from stage 1 frozen, a fresh segmenter, no consistency and no target contrast.
 The single-stage variant (the authors' later version) is stage 1 with its own settings.
@@ -456,6 +458,9 @@ class Confeti(DAFormer):
             losses.update(self.contrast_losses(out_mix["features"], labels, "mix"))
         losses = self.end_stage(losses)
         del out_mix
+        if m.mic:
+            losses.update(self.mic_losses(x_t, pseudo, weights))
+            losses = self.end_stage(losses)
 
         # 7. target contrast with the teacher's pseudo-labels, scaled by q
         if m.target_contrast and contrast_on:

@@ -11,6 +11,10 @@ Per iteration:
      labels and weights mixed the same way, then colour jitter (p 0.8) and Gaussian blur
      (p 0.5), each decided once per batch as the reference;
   5. pixel-weighted CE of the student on the mixed batch;
+  6. (`mic`, masked image consistency, Hoyer et al. CVPR 2023) the clean target with its own
+     jitter/blur draw, block-masked (masked pixels = the normalisation mean, i.e. 0 at the
+     network input), and the same pixel-weighted CE against step 3's pseudo-labels and weights;
+     a backward stage of its own after the mix loss's;
 and after the optimizer step the EMA update of the teacher.
 """
 from __future__ import annotations
@@ -26,7 +30,8 @@ from ..data.labels import THING_CLASSES
 from ..engine import distributed as dist_utils
 from ..errors import ConfigError, TrainingError
 from . import register_method
-from .augment import APPLY_PER, choose_mix_classes, class_mix_mask, color_jitter, mix, random_gaussian_blur
+from .augment import (APPLY_PER, block_mask, choose_mix_classes, class_mix_mask, color_jitter, mask_image, mix,
+                      normalization_mean_rgb, random_gaussian_blur)
 from .base import CE_MEANS, IGNORE_INDEX, MethodConfig, UDAMethod, segmentation_loss, upsample
 from .feature_distance import FrozenBackbone, class_lookup, feature_distance_mask, masked_feature_distance
 from .teacher import MeanTeacher
@@ -82,6 +87,12 @@ class DACS(UDAMethod):
         source_ce_mean: str = "all"  # source CE over all pixels, ignored = 0 (mmseg) | valid (ADVENT)
         align_corners: bool = False  # upsampling of student and teacher logits to label size (mmseg: False)
         eval_teacher: bool = False  # evaluate the EMA teacher instead of the student
+        # masked image consistency (MIC): the student on the block-masked target, the teacher's labels
+        mic: bool = False
+        mic_weight: float = 1.0  # MIC's mask_lambda
+        mic_mask_ratio: float = 0.7  # a block is masked with this probability
+        mic_block_size: int = 64  # block side in input pixels (MIC: 64 on 512/1024 crops)
+        mic_augment: bool = True  # jitter + blur, own draw, before masking (MIC 'separatetrgaug'; false: 'separatetrg')
 
     def __init__(self, model, cfg, mcfg):
         super().__init__(model, cfg, mcfg)
@@ -102,7 +113,16 @@ class DACS(UDAMethod):
                 raise ConfigError(f"method.{key} must be one of {', '.join(choices)}, got {value!r}")
         if not 0.0 <= m.jitter_p <= 1.0 or not 0.0 <= m.blur_p <= 1.0:
             raise ConfigError("method.jitter_p and method.blur_p are probabilities in [0, 1]")
+        if not 0.0 <= m.mic_mask_ratio < 1.0:
+            raise ConfigError(f"method.mic_mask_ratio must be in [0, 1), got {m.mic_mask_ratio}")
+        if m.mic_block_size < 1:
+            raise ConfigError(f"method.mic_block_size must be >= 1 (pixels), got {m.mic_block_size}")
+        if m.mic_weight < 0:
+            raise ConfigError(f"method.mic_weight must be >= 0, got {m.mic_weight}")
         self.num_classes = cfg.model.num_classes
+        # MIC's masked colour: a buffer, so that it is on the device without a copy per step
+        kind = getattr(model, "normalization", None) or cfg.model.normalization
+        self.register_buffer("mic_fill", torch.tensor(normalization_mean_rgb(kind)), persistent=False)
         self.build_heads()
         # copied now: the student as built, i.e. after model.pretrained / train.init_from (t = 0)
         self.teacher = MeanTeacher(self.teacher_source(), m.ema_alpha, norm_mode=m.teacher_norm)
@@ -148,6 +168,28 @@ class DACS(UDAMethod):
     def source_losses(self, src: dict) -> dict:
         return self.source_ce(self.model(src["image"]), src["label"])
 
+    @torch.no_grad()
+    def mic_images(self, target_images: torch.Tensor) -> torch.Tensor:
+        """MIC's input: the clean target, jittered and blurred with its own draw, block-masked."""
+        m = self.mcfg
+        x = target_images
+        if m.mic_augment:
+            x = color_jitter(x, m.jitter_strength, m.jitter_p, per=m.aug_apply_per)
+            x = random_gaussian_blur(x, m.blur_p, m.blur_sigma, m.blur_kernel_ratio, per=m.aug_apply_per)
+        b, _, h, w = x.shape
+        mask = block_mask(b, h, w, m.mic_block_size, m.mic_mask_ratio, x.device)
+        return mask_image(x, mask, self.mic_fill)
+
+    def mic_losses(self, target_images: torch.Tensor, pseudo: torch.Tensor, weights: torch.Tensor) -> dict:
+        """The student on the masked target against the teacher's labels of the unmasked one,
+        weighted as the mix loss (q, zero in the ignored rows)."""
+        m, aux_w = self.mcfg, self.cfg.model.aux_weight
+        out = self.model(self.mic_images(target_images))
+        losses = {"loss_mic": m.mic_weight * self.mix_ce(out["main"], pseudo, weights)}
+        if "aux" in out and aux_w > 0:
+            losses["loss_mic_aux"] = m.mic_weight * aux_w * self.mix_ce(out["aux"], pseudo, weights)
+        return losses
+
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict, it: int) -> dict:
         src, tgt = batch["source"], batch["target"]
@@ -157,12 +199,16 @@ class DACS(UDAMethod):
                                 "(set source.crop and target.crop to the same [W, H])")
         losses = self.end_stage(self.source_losses(src))
 
-        pseudo, weights, q = self.pseudo_labels(tgt["image"])
-        images, labels, weights, mask = self.mix_batch(src, tgt["image"], pseudo, weights)
+        pseudo, pseudo_weights, q = self.pseudo_labels(tgt["image"])
+        images, labels, weights, mask = self.mix_batch(src, tgt["image"], pseudo, pseudo_weights)
         out = self.model(images)
         losses["loss_mix_main"] = self.mix_ce(out["main"], labels, weights)
         if "aux" in out and self.cfg.model.aux_weight > 0:
             losses["loss_mix_aux"] = self.cfg.model.aux_weight * self.mix_ce(out["aux"], labels, weights)
+        if self.mcfg.mic:
+            del out
+            losses = self.end_stage(losses)  # the mix graph goes before the masked forward
+            losses.update(self.mic_losses(tgt["image"], pseudo, pseudo_weights))
         losses["pseudo_weight"] = q.detach()
         losses["mix_source_fraction"] = mask.mean()
         return losses
