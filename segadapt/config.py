@@ -70,7 +70,7 @@ class ModelConfig:
     pretrained: Optional[str] = None
     # encoder_decoder only -------------------------------------------------------------
     decode_head: str = "daformer"  # daformer (DAFormer's context-aware fusion) | linear
-    head_channels: int = 256  # DAFormer head embedding width
+    head_channels: int = 256  # DAFormer head: embedding and fusion width (both 256 in DAFormer)
     head_dropout: float = 0.1
     fusion_dilations: list[int] = field(default_factory=lambda: [1, 6, 12, 18])  # DAFormer head ASPP
     drop_path_rate: Optional[float] = None  # None = the backbone's (MiT 0.1)

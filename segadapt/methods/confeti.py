@@ -435,7 +435,7 @@ class Confeti(DAFormer):
             with torch.no_grad():
                 ref = self.imagenet(x_s)
                 fd_mask = feature_distance_mask(y_s, feat.shape[-2:], self.fd_class_table, m.fd_min_ratio,
-                                                self.num_classes, getattr(self.model, "output_stride", None))
+                                                self.num_classes, self.model.feature_stride)
             src_losses["loss_fd"] = m.fd_lambda * masked_feature_distance(feat, ref, fd_mask)
         losses.update(self.end_stage(src_losses))  # the student's source graph goes now
         del out, feat

@@ -286,6 +286,6 @@ class DAFormer(DACS):
             ref = self.imagenet(src["image"])
             mask = feature_distance_mask(src["label"], feat.shape[-2:], self.fd_class_table,
                                          self.mcfg.fd_min_ratio, self.num_classes,
-                                         getattr(self.model, "output_stride", None))
+                                         self.model.feature_stride)
         losses["loss_fd"] = self.mcfg.fd_lambda * masked_feature_distance(feat, ref, mask)
         return losses

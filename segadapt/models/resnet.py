@@ -247,6 +247,7 @@ class ResNet(nn.Module):
         self.stage_channels: Tuple[int, int, int, int] = (w * e, 2 * w * e, 4 * w * e, 8 * w * e)
         self.feature_channels = self.stage_channels[3]
         self.output_stride = 4 * math.prod(strides)
+        self.feature_stride = self.output_stride  # stride of `features` (layer4), as every segmenter has
         self._init_weights()
         if v1c:
             # mmseg norm_cfg requires_grad=True: BN scale and shift are trained

@@ -34,6 +34,7 @@ from .deeplabv2 import NORMALIZATIONS, InputNormalization, build_deeplabv2
 __all__ = ["ARCHS", "DECODE_HEADS", "EncoderDecoder", "build_segmenter", "build_backbone", "encoder_backbones"]
 
 ARCHS = ("deeplabv2", "encoder_decoder")
+DINOV2_PREFIX = "dinov2_"  # backbone names dinov2_vits14 ... map to vit.py's presets
 DECODE_HEADS = ("daformer", "linear")
 
 
@@ -42,7 +43,7 @@ def encoder_backbones() -> Tuple[str, ...]:
     from .mit import MIT_PRESETS
     from .vit import DINOV2_PRESETS
 
-    return tuple(MIT_PRESETS) + tuple(DINOV2_PRESETS)
+    return tuple(MIT_PRESETS) + tuple(f"{DINOV2_PREFIX}{k}" for k in DINOV2_PRESETS)
 
 
 class EncoderDecoder(nn.Module):
@@ -83,15 +84,19 @@ class EncoderDecoder(nn.Module):
         return {"backbone": self.backbone_parameters(), "head": self.head_parameters()}
 
     def layer_id(self, name: str) -> Optional[int]:
-        """Depth index of a parameter for layer-wise learning-rate decay (None: not supported)."""
-        fn = getattr(self.backbone, "layer_id", None)
-        if fn is None or not name.startswith("backbone."):
+        """Depth index of a backbone parameter for layer-wise learning-rate decay."""
+        from .vit import vit_layer_id
+
+        if self.num_layers is None or not name.startswith("backbone."):
             return None
-        return fn(name[len("backbone."):])
+        return vit_layer_id(name[len("backbone."):], self.num_layers)
 
     @property
     def num_layers(self) -> Optional[int]:
-        return getattr(self.backbone, "depth", None)
+        """Blocks of a ViT backbone (layer-wise decay applies); None for other backbones."""
+        from .vit import DinoVisionTransformer
+
+        return self.backbone.depth if isinstance(self.backbone, DinoVisionTransformer) else None
 
     def drop_heads(self) -> None:
         """Keep only what ``extract_features`` needs (frozen feature-distance copies)."""
@@ -103,10 +108,12 @@ class EncoderDecoder(nn.Module):
         backbone's keys without prefix (plus its own classifier, skipped)."""
         if fmt in ("mmseg", "segadapt") or any(k.startswith(("backbone.", "decode_head.")) for k in sd):
             return sd, fmt
-        convert = getattr(self.backbone, "convert_published", None)
-        if convert is not None:
-            sd = convert(sd)
-        skip = tuple(getattr(self.backbone, "PUBLISHED_CLASSIFIER_KEYS", ()))
+        from .mit import MIT_CLASSIFIER_KEYS
+        from .vit import DinoVisionTransformer, dinov2_state_dict
+
+        if isinstance(self.backbone, DinoVisionTransformer):
+            sd = dinov2_state_dict(sd)  # chunked training checkpoints -> blocks.i
+        skip = MIT_CLASSIFIER_KEYS
         return {f"backbone.{k}": v for k, v in sd.items() if k not in skip}, "imagenet_backbone"
 
 
@@ -139,13 +146,13 @@ def build_backbone(cfg) -> nn.Module:
     if name in MIT_PRESETS:
         kwargs = {} if drop_path is None else {"drop_path_rate": float(drop_path)}
         return build_mit(name, embed_dims=widths, **kwargs)
-    if name in DINOV2_PRESETS:
+    if name.startswith(DINOV2_PREFIX) and name[len(DINOV2_PREFIX):] in DINOV2_PRESETS:
         if widths is not None and len(widths) != 1:
             raise ConfigError(f"model.embed_dims for a ViT is one width, got {widths!r}")
         kwargs = {} if drop_path is None else {"drop_path_rate": float(drop_path)}
         depth = _cfg_get(cfg, "vit_depth", None)
         heads = _cfg_get(cfg, "vit_heads", None)
-        return build_dinov2(name, out_indices=_cfg_get(cfg, "out_indices", None),
+        return build_dinov2(name[len(DINOV2_PREFIX):], out_indices=_cfg_get(cfg, "out_indices", None),
                             embed_dim=widths[0] if widths else None, depth=depth, num_heads=heads, **kwargs)
     raise ConfigError(f"model.backbone: unknown backbone {name!r} for arch encoder_decoder; supported: "
                       f"{', '.join(encoder_backbones())} (ResNets: arch deeplabv2)")
@@ -159,6 +166,7 @@ def build_decode_head(cfg, in_channels: Sequence[int], num_classes: int) -> nn.M
         dilations = _positive_ints(_cfg_get(cfg, "fusion_dilations", [1, 6, 12, 18]), "model.fusion_dilations")
         return DAFormerHead(list(in_channels), num_classes=num_classes,
                             embed_dims=int(_cfg_get(cfg, "head_channels", 256)),
+                            channels=int(_cfg_get(cfg, "head_channels", 256)),
                             fusion_dilations=tuple(dilations), dropout=float(_cfg_get(cfg, "head_dropout", 0.1)))
     if kind == "linear":
         return LinearHead(list(in_channels), num_classes=num_classes)
