@@ -63,6 +63,18 @@ def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
     return x * mask / keep
 
 
+class DropPath(nn.Module):
+    """``drop_path`` as a module, so an EMA teacher can switch stochastic depth off by type
+    (``teacher.py``) while its other layers stay in training mode."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = float(rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.rate, self.training)
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping 14 x 14 patches -> ``embed_dim`` channels (B, C, H/14, W/14)."""
 
@@ -140,10 +152,11 @@ class Block(nn.Module):
         self.mlp = (SwiGLUFFN if ffn == "swiglu" else Mlp)(dim, dim * MLP_RATIO)
         self.ls2 = LayerScale(dim, layerscale_init)
         self.drop_path_rate = drop_path_rate
+        self.drop_path1, self.drop_path2 = DropPath(drop_path_rate), DropPath(drop_path_rate)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path_rate, self.training)
-        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 def interpolate_pos_embed(pos_embed: Tensor, grid: Tuple[int, int],
