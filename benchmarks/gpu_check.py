@@ -47,7 +47,8 @@ from segadapt.engine.inference import predict_logits  # noqa: E402
 
 BENCHMARK = "gta5_cityscapes"
 CONFIGS = ["source_only", "oracle", "minent", "advent", "cfcontra", "cut", "dacs", "daformer",
-           "confeti_stage1", "confeti_stage2", "confeti_single"]
+           "confeti_stage1", "confeti_stage2", "confeti_single",
+           "daformer_mitb5", "mic_daformer_mitb5", "confeti_mitb5", "daformer_dinov2_vitl"]
 MODES = (("fp32", ["train.amp=none", "train.channels_last=false"]),
          ("bf16+CL", ["train.amp=bf16", "train.channels_last=true"]))
 SKIP_LINE = "gpu_check: no CUDA device; skipped"
@@ -107,7 +108,14 @@ def _overrides(name: str, args, workdir: Path) -> tuple[list[str], list[str]]:
     if plain.train.amp != "none":
         notes.append(f"config's amp: {plain.train.amp}")
     if args.tiny:
-        over += ["model.backbone=resnet18", "model.base_width=16", "model.pretrained=null"]
+        if plain.model.arch == "encoder_decoder" and plain.model.backbone.startswith("dinov2_"):
+            over += ["model.embed_dims=[32]", "model.vit_depth=4", "model.vit_heads=2", "model.head_channels=16",
+                     "model.pretrained=null"]
+        elif plain.model.arch == "encoder_decoder":
+            over += ["model.backbone=mit_b0", "model.embed_dims=[8,16,40,64]", "model.head_channels=16",
+                     "model.pretrained=null"]
+        else:
+            over += ["model.backbone=resnet18", "model.base_width=16", "model.pretrained=null"]
         small_cut = ["ngf=8", "ndf=16", "num_patches=32", "nce_dim=32"]
         if method == "confeti":
             over += [f"method.cut.{kv}" for kv in small_cut] + ["method.proj_dim=32"]
