@@ -212,3 +212,38 @@ def test_published_configs_build_the_published_networks(bench):
         cfg = load_config(f"{bench}/{name}")
         assert cfg.model.backbone == "mit_b5" and cfg.optim.no_decay_keys == ["norm", "pos_block"]
     assert load_config(f"{bench}/mic_daformer_mitb5").method["mic"] is True
+
+
+MIT_OVERRIDES = {"model.arch": "encoder_decoder", "model.backbone": "mit_b0", "model.embed_dims": "[8, 16, 40, 64]",
+                 "model.head_channels": 16, "model.aux": "false", "model.drop_path_rate": 0.2,
+                 "method.rcs_min_pixels": 8, "method.mic": "true", "method.mic_block_size": 8}
+
+
+def test_resumed_mit_daformer_mic_run_equals_uninterrupted(tiny_synth, tmp_path, monkeypatch):
+    from segadapt.engine.trainer import train_from_config
+    from segadapt.methods.self_training import DAFormer
+
+    from .conftest import assert_resumed_run_equal, kill_and_resume
+
+    def cfg(out):
+        return load_config("synthetic/daformer", tiny_overrides(tiny_synth, out, **MIT_OVERRIDES))
+
+    train_from_config(cfg(tmp_path / "a"), progress=False)  # drop path, MIC masks: all from checkpointed RNG
+    ref = torch.load(tmp_path / "a" / "final.pth", weights_only=False)
+    _, got = kill_and_resume(monkeypatch, DAFormer, cfg(tmp_path / "b"), 4, 3)
+    assert_resumed_run_equal(ref, got)
+
+
+def test_mit_run_through_test_and_export_commands(tiny_synth, tmp_path):
+    from segadapt.cli import main
+
+    run = tmp_path / "run"
+    cfg = load_config("synthetic/source_only", tiny_overrides(tiny_synth, run, **{
+        k: v for k, v in MIT_OVERRIDES.items() if k.startswith("model.")}, **{"train.iters": 2}))
+    Trainer(cfg, progress=False).train()
+    assert main(["test", str(run), "--out", str(tmp_path / "test")]) == 0
+    result = json.loads((tmp_path / "test" / "results.json").read_text())
+    assert 0.0 <= result["miou"] <= 100.0
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "mit.pt"),
+                 "--size", "64", "32"]) == 0
+    assert (tmp_path / "mit.pt").is_file()
