@@ -48,7 +48,8 @@ class DatasetConfig:
 class ModelConfig:
     # deeplabv2: ResNet + ASPP classifiers (ADVENT) | encoder_decoder: MiT / DINOv2 ViT + decode head
     arch: str = "deeplabv2"
-    # deeplabv2: resnet18/34/50/101; encoder_decoder: mit_b0..mit_b5, dinov2_vits14/vitb14/vitl14
+    # deeplabv2: resnet18/34/50/101; encoder_decoder: mit_b0..mit_b5, dinov2_vits14/vitb14/vitl14,
+    # mobilenetv2 (with decode_head aspp: DeepLabV2's classifier, aux on the previous level)
     backbone: str = "resnet101"
     base_width: int = 64  # 64 = standard widths; 16/32 for CPU work
     # caffe: ADVENT's Caffe ResNet (frozen BN affine, ceil-mode pool, stride in the 1x1);
@@ -69,7 +70,7 @@ class ModelConfig:
     bn_mode: str = "train"
     pretrained: Optional[str] = None
     # encoder_decoder only -------------------------------------------------------------
-    decode_head: str = "daformer"  # daformer (DAFormer's context-aware fusion) | linear
+    decode_head: str = "daformer"  # daformer (DAFormer's context-aware fusion) | linear | aspp (DeepLabV2)
     head_channels: int = 256  # DAFormer head: embedding and fusion width (both 256 in DAFormer)
     head_dropout: float = 0.1
     fusion_dilations: list[int] = field(default_factory=lambda: [1, 6, 12, 18])  # DAFormer head ASPP
@@ -78,6 +79,7 @@ class ModelConfig:
     vit_depth: Optional[int] = None  # ViT overrides for narrow models
     vit_heads: Optional[int] = None
     out_indices: Optional[list[int]] = None  # ViT blocks feeding the head (None = the preset's four)
+    output_stride: int = 8  # mobilenetv2: 8 | 16 | 32 (strides replaced by dilations, as mmseg)
 
 
 @dataclass

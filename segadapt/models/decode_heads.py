@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from segadapt.errors import ConfigError
 
-__all__ = ["ConvBNReLU", "SeparableConvBNReLU", "ASPPFusion", "TokenEmbedding", "DAFormerHead", "LinearHead"]
+__all__ = ["ConvBNReLU", "SeparableConvBNReLU", "ASPPFusion", "TokenEmbedding", "DAFormerHead", "LinearHead", "ASPPSumHead"]
 
 
 def _positive_int(value, what: str) -> int:
@@ -274,3 +274,22 @@ class LinearHead(nn.Module):
         if self.dropout is not None:
             x = self.dropout(x)
         return self.conv_seg(x)
+
+
+class ASPPSumHead(nn.Module):
+    """DeepLabV2's classifier as a decode head: parallel dilated 3x3 convs on one level, summed
+    (ADVENT's ``ClassifierModule``, keys ``conv2d_list.i``); ``level`` picks the level (-1: the
+    last, the main classifier; -2: the auxiliary one, as ADVENT's layer5 on layer3)."""
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int,
+                 dilations: Sequence[int] = (6, 12, 18, 24), level: int = -1) -> None:
+        super().__init__()
+        from .deeplabv2 import ClassifierModule
+
+        if not -len(in_channels) <= level < len(in_channels):
+            raise ConfigError(f"ASPP head: level {level} out of range for {len(in_channels)} levels")
+        self.level = level
+        self.classifier = ClassifierModule(int(in_channels[level]), num_classes, tuple(dilations))
+
+    def forward(self, features: List[Tensor]) -> Tensor:
+        return self.classifier(features[self.level])

