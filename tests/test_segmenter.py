@@ -284,3 +284,33 @@ def test_every_method_trains_on_every_backbone(tiny_synth, tmp_path, name, backb
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
     logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(v == v for row in logged for k, v in row.items() if k.startswith("loss"))  # finite
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")
+def test_daformer_mitb5_checkpoint_from_an_independent_key_list_loads_exactly():
+    """A DAFormer UDA checkpoint's layout written from the published configs (test_mit's and
+    test_decode_heads' generators, not our modules) loads into the daformer_mitb5 config's network
+    with nothing missing, unexpected or reshaped; so does the mit_b5.pth ImageNet file."""
+    from segadapt.models.checkpoints import extract_state_dict, load_state_dict_checked
+
+    from .test_decode_heads import _daformer_published_shapes
+    from .test_mit import published_shapes
+
+    segmentor = {f"backbone.{k}": s for k, s in published_shapes("mit_b5").items()}
+    segmentor.update({f"decode_head.{k}": s for k, s in _daformer_published_shapes().items()})
+    uda = {f"{w}.{k}": torch.empty(s, device="meta") for w in ("model", "ema_model") for k, s in segmentor.items()}
+    uda.update({f"imnet_model.{k}": torch.empty(s, device="meta") for k, s in segmentor.items()
+                if k.startswith("backbone.")})
+    with torch.device("meta"):
+        model = build_segmenter(load_config("gta5_cityscapes/daformer_mitb5").model)
+    sd, fmt = extract_state_dict({"state_dict": uda, "meta": {"iter": 40000}}, "daformer.pth")
+    rep = load_state_dict_checked(model, sd, fmt, path="daformer.pth", strict_head=True)
+    assert fmt == "mmseg" and rep.missing == [] and rep.skipped == []
+    assert len(rep.loaded) == len(segmentor) == len(model.state_dict())
+
+    imagenet = {k: torch.empty(s, device="meta") for k, s in published_shapes("mit_b5").items()}
+    imagenet.update({"head.weight": torch.empty(1000, 512, device="meta"), "head.bias": torch.empty(1000, device="meta")})
+    sd, fmt = extract_state_dict(imagenet, "mit_b5.pth")
+    rep = load_state_dict_checked(model, sd, fmt, path="mit_b5.pth")
+    assert rep.format == "imagenet_backbone" and sorted(rep.skipped) == [] and \
+        {k for k in rep.loaded} == {f"backbone.{k}" for k in published_shapes("mit_b5")}
