@@ -312,5 +312,21 @@ def test_daformer_mitb5_checkpoint_from_an_independent_key_list_loads_exactly():
     imagenet.update({"head.weight": torch.empty(1000, 512, device="meta"), "head.bias": torch.empty(1000, device="meta")})
     sd, fmt = extract_state_dict(imagenet, "mit_b5.pth")
     rep = load_state_dict_checked(model, sd, fmt, path="mit_b5.pth")
-    assert rep.format == "imagenet_backbone" and sorted(rep.skipped) == [] and \
+    assert rep.format == "pretrained_backbone" and sorted(rep.skipped) == [] and \
         {k for k in rep.loaded} == {f"backbone.{k}" for k in published_shapes("mit_b5")}
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")
+def test_dinov2_vitl_file_from_an_independent_key_list_loads_into_its_config():
+    from segadapt.models.checkpoints import extract_state_dict, load_state_dict_checked
+
+    from .test_vit import published_shapes
+
+    published = {k: torch.empty(s, device="meta") for k, s in published_shapes(1024, 24).items()}
+    with torch.device("meta"):
+        model = build_segmenter(load_config("gta5_cityscapes/daformer_dinov2_vitl").model)
+    sd, fmt = extract_state_dict(published, "dinov2_vitl14_pretrain.pth")
+    rep = load_state_dict_checked(model, sd, fmt, path="dinov2_vitl14_pretrain.pth")
+    assert rep.format == "pretrained_backbone" and set(rep.loaded) == {f"backbone.{k}" for k in published}
+    assert set(rep.missing) == {k for k in model.state_dict() if k.startswith("decode_head.")
+                                and not k.endswith("num_batches_tracked")}

@@ -15,13 +15,13 @@ Supported formats (detected from the file's keys):
   (``adapt_checkpoint``): DeepLabV2 takes DAFormer / CONFETI's ResNetV1c + ``DLV2Head``
   (``decode_head.aspp_modules.i.conv.*`` -> ``layer6.conv2d_list.i.*``, ``resnet_style='v1c'``
   only); the encoder-decoder (MiT / DINOv2 + DAFormer head) has mmseg's layout itself;
-* ``imagenet_backbone`` -- a published ImageNet backbone file for the encoder-decoder
+* ``pretrained_backbone`` -- a published pre-trained backbone file for the encoder-decoder
   (``mit_b*.pth``, ``dinov2_vit*14_pretrain.pth``): its keys go under ``backbone.``, its
   classifier is skipped;
 * any of the above inside ``{'state_dict': ...}``, with ``module.`` (DDP) or
   ``_orig_mod.`` (torch.compile) prefixes.
 
-Initialisation files (``imagenet_init``, ``classification``, ``imagenet_backbone``) only need to
+Initialisation files (``imagenet_init``, ``classification``, ``pretrained_backbone``) only need to
 cover the trunk: the classifiers may be missing, and classifier tensors whose
 shape differs (another number of classes) are skipped with a warning. A full
 checkpoint (``advent``, ``segadapt``) must match the model exactly in the
@@ -250,7 +250,7 @@ def load_state_dict_checked(
             f"checkpoint {path} (mmseg) holds an mmseg ResNetV1c segmenter; the model is "
             f"resnet_style={style!r}: set model.resnet_style=v1c"
         )
-    init_file = fmt in ("imagenet_init", "classification", "imagenet_backbone")
+    init_file = fmt in ("imagenet_init", "classification", "pretrained_backbone")
     target = model.state_dict()
     report = LoadReport(path=path, format=fmt)
 

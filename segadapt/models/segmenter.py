@@ -125,7 +125,7 @@ class EncoderDecoder(nn.Module):
         if isinstance(self.backbone, MobileNetV2Backbone):
             sd = self.backbone.convert_published(sd)  # its 1280-channel conv and classifier unused
         skip = MIT_CLASSIFIER_KEYS
-        return {f"backbone.{k}": v for k, v in sd.items() if k not in skip}, "imagenet_backbone"
+        return {f"backbone.{k}": v for k, v in sd.items() if k not in skip}, "pretrained_backbone"
 
 
 def _cfg_get(cfg, name: str, default):
