@@ -116,15 +116,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_test(args) -> int:
-    from .config import load_config
     from .data.datasets import build_dataset, restyled_eval_note
     from .engine import distributed as dist_utils
     from .engine.evaluator import evaluate
     from .engine.trainer import build_eval_loader, ensure_data, eval_kwargs
     from .data.io import ensure_writable
     from .errors import CheckpointError, write_error
-    from .models.checkpoints import load_pretrained, read_checkpoint
-    from .models.segmenter import build_segmenter
+    from .engine.predictor import load_segmenter
 
     ckpt_path = Path(args.checkpoint)
     if ckpt_path.is_dir():
@@ -137,18 +135,11 @@ def cmd_test(args) -> int:
     refuse_output_over_inputs([out_dir] + [out_dir / f"results.{ext}" for ext in ("md", "csv", "json")],
                               [("the checkpoint", ckpt_path), ("the config", args.config)], shown_as=out_dir)
     ensure_writable(out_dir / "results.json")  # before the evaluation, not after it
-    stored = None
-    if args.config is None:
-        obj = read_checkpoint(ckpt_path)
-        stored = obj.get("config") if isinstance(obj, dict) else None
-        if stored is None:
-            raise CheckpointError(f"{ckpt_path} holds no segadapt config: pass --config for its model and data")
-        del obj
-    cfg = load_config(args.config, list(args.overrides), base=stored)
+    # the weights the run evaluated (an EMA teacher where it saved one), built without re-reading
+    # its initialisation file; a backbone-only or ImageNet file is refused
+    model, cfg = load_segmenter(ckpt_path, args.config, list(args.overrides))
     device = dist_utils.init_from_env(cfg.train.device)
     ensure_data(cfg)
-    model = build_segmenter(cfg.model)
-    load_pretrained(model, str(ckpt_path))
     model.to(device)
     loader = build_eval_loader(cfg, build_dataset(cfg.eval.data))
     result = evaluate(model, loader, device=device, progress=not args.no_progress, class_names=None, **eval_kwargs(cfg))

@@ -79,7 +79,7 @@ class ModelConfig:
     vit_depth: Optional[int] = None  # ViT overrides for narrow models
     vit_heads: Optional[int] = None
     out_indices: Optional[list[int]] = None  # ViT blocks feeding the head (None = the preset's four)
-    output_stride: int = 8  # mobilenetv2: 8 | 16 | 32 (strides replaced by dilations, as mmseg)
+    output_stride: int = 8  # mobilenetv2: 8 | 16 | 32 (strides replaced by dilations, DeepLab-style)
 
 
 @dataclass

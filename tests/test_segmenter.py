@@ -330,3 +330,34 @@ def test_dinov2_vitl_file_from_an_independent_key_list_loads_into_its_config():
     assert rep.format == "pretrained_backbone" and set(rep.loaded) == {f"backbone.{k}" for k in published}
     assert set(rep.missing) == {k for k in model.state_dict() if k.startswith("decode_head.")
                                 and not k.endswith("num_batches_tracked")}
+
+
+def test_backbone_only_files_are_refused_as_trained_segmenters(tmp_path):
+    from segadapt.engine.predictor import load_segmenter
+
+    torch.save(build_mit("mit_b0", embed_dims=[8, 16, 40, 64]).state_dict(), tmp_path / "mit_b0.pth")
+    cfg = tmp_path / "model.yaml"
+    cfg.write_text("_base_: " + str(__import__("segadapt.config", fromlist=["x"]).resolve_config_path(
+        "synthetic/source_only")) + "\nmodel: {arch: encoder_decoder, backbone: mit_b0, embed_dims: [8, 16, 40, 64], "
+        "head_channels: 16, aux: false}\n")
+    with pytest.raises(CheckpointError, match="mit_b0.pth is an initialisation file .*not a trained segmenter"):
+        load_segmenter(tmp_path / "mit_b0.pth", str(cfg))
+    m = _mit()
+    assert m.output_stride == 4 and _vit().output_stride == 14
+    assert build_segmenter({**TINY_MIT, "backbone": "mobilenetv2", "embed_dims": None, "decode_head": "aspp",
+                            "output_stride": 16}).output_stride == 16
+    for bad, msg in [({"pretrained": "installed"}, "offline MobileNetV2 weights"),
+                     ({"bn_mode": "eval"}, "bn_mode applies to arch deeplabv2 only")]:
+        with pytest.raises(ConfigError, match=msg):
+            _mit(**bad)
+
+
+def test_confeti_frozen_student_target_is_deterministic_on_a_transformer(tiny_synth, tmp_path):
+    cfg = load_config("synthetic/confeti_stage1", tiny_overrides(tiny_synth, tmp_path / "run", **{
+        "model.arch": "encoder_decoder", **BACKBONES["mit"], "model.drop_path_rate": 0.5,
+        **METHODS["synthetic/confeti_stage1"]}))
+    method = Trainer(cfg, progress=False).method.train()
+    x = torch.rand(2, 3, 32, 64)
+    a, b = method._frozen_student_features(x), method._frozen_student_features(x)
+    assert torch.equal(a, b) and a.shape == (2, 64, 1, 2)
+    assert all(m.training for m in method.model.modules())  # switched back afterwards

@@ -2,7 +2,7 @@
 
 The exported graph takes a float RGB batch in [0, 1] of shape (1, 3, H, W) at
 the export size (it normalises internally, like the eager model) and returns
-the main logits at output stride 8, or with `with_argmax` the train ids
+the main logits at the model's output stride, or with `with_argmax` the train ids
 (int64, (1, H, W)) after bilinear upsampling to the input size. Every export
 is checked against the eager model on a random input.
 """
@@ -92,7 +92,7 @@ def _compare(got: torch.Tensor, ref: torch.Tensor, with_argmax: bool, tolerance:
 
 def _metadata(model: nn.Module, size: tuple[int, int], with_argmax: bool) -> dict:
     return {"producer": "segadapt", "input": f"float32 RGB in [0,1], shape (1, 3, {size[1]}, {size[0]})",
-            "output": "train ids (1, H, W) int64" if with_argmax else "logits (1, C, h, w) at output stride 8",
+            "output": "train ids (1, H, W) int64" if with_argmax else f"logits (1, C, h, w) at output stride {getattr(model, 'output_stride', 8)}",
             "num_classes": int(getattr(model, "num_classes", 0)),
             "normalization": str(getattr(model, "normalization", "")), "size_wh": list(size)}
 

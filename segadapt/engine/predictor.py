@@ -91,12 +91,10 @@ def load_segmenter(checkpoint: str | os.PathLike, config: Optional[str] = None,
         # the weights that were evaluated (e.g. an EMA teacher), when the run saved them apart
         obj = {**obj, "model": obj["eval_model"]}
     sd, fmt = extract_state_dict(obj, str(path))
-    if fmt in ("imagenet_init", "classification"):
-        raise CheckpointError(f"{path} is an ImageNet initialisation file ({fmt}), not a trained segmenter")
     # the stored model.pretrained is the *initialisation* the run started from:
     # not needed (and maybe not present) here
     model = build_segmenter(dataclasses.replace(cfg.model, pretrained=None))
-    load_state_dict_checked(model, sd, fmt, path=str(path), strict_head=True)
+    load_state_dict_checked(model, sd, fmt, path=str(path), strict_head=True, trained=True)
     return model.eval(), cfg
 
 

@@ -45,6 +45,7 @@ from .feature_distance import feature_distance_mask, masked_feature_distance
 from .losses import resize_labels
 from .minent import nested_config
 from .self_training import DAFormer
+from .teacher import is_stochastic_layer
 
 CONSISTENCY_MODES = ("frozen_student", "ema", "none")
 
@@ -260,6 +261,17 @@ class ConfetiConfig(DAFormer.Config):
         _check(self)  # at config load: a bad value fails before any data is read
 
 
+class _FeatureView(nn.Module):
+    """``model.extract_features(x)[-1]`` as a forward, so ``functional_call`` can run it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.extract_features(x)[-1]
+
+
 @register_method("confeti")
 class Confeti(DAFormer):
     Config = ConfetiConfig
@@ -364,11 +376,20 @@ class Confeti(DAFormer):
 
     # ------------------------------------------------------------------ consistency
     def _frozen_student_features(self, x: torch.Tensor) -> torch.Tensor:
-        """layer4 of the student with its parameters detached and its BatchNorm buffers copied:
-        gradients reach only the input, running statistics stay as they are."""
-        state = {n: p.detach() for n, p in self.model.named_parameters()}
-        state.update({n: b.clone() for n, b in self.model.named_buffers()})
-        return functional_call(self.model, state, (x,), {"return_features": True})["features"]
+        """The student's last feature level with its parameters detached and its BatchNorm buffers
+        copied: gradients reach only the input, running statistics stay as they are. No heads are
+        run, and dropout / drop path are off (a deterministic target, as on the reference's ResNet)."""
+        view = _FeatureView(self.model)
+        state = {f"model.{n}": p.detach() for n, p in self.model.named_parameters()}
+        state.update({f"model.{n}": b.clone() for n, b in self.model.named_buffers()})
+        stochastic = [m for m in self.model.modules() if is_stochastic_layer(m) and m.training]
+        for m in stochastic:
+            m.train(False)
+        try:
+            return functional_call(view, state, (x,))
+        finally:
+            for m in stochastic:
+                m.train(True)
 
     def consistency_loss(self, x_s: torch.Tensor, x_s2t: torch.Tensor) -> torch.Tensor:
         """MSE between the prototype similarities of reg_proj(proj(f(x_s2t))) and

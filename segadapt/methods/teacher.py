@@ -29,7 +29,7 @@ import torch.nn as nn
 NORM_MODES = ("batch", "running")
 
 
-def _is_dropout(m: nn.Module) -> bool:
+def is_stochastic_layer(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ == "DropPath"
 
 
@@ -63,7 +63,7 @@ class MeanTeacher(nn.Module):
             self.ema.eval()
         else:
             for m in self.ema.modules():
-                if _is_dropout(m):
+                if is_stochastic_layer(m):
                     m.train(False)
         return self
 

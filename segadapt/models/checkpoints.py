@@ -51,6 +51,7 @@ __all__ = ["LoadReport", "read_checkpoint", "extract_state_dict", "load_pretrain
 log = logging.getLogger(__name__)
 
 DEFAULT_HEAD_PREFIXES: Tuple[str, ...] = ("layer5.", "layer6.")
+INIT_FORMATS = ("imagenet_init", "classification", "pretrained_backbone")  # weights without trained heads
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 _MMSEG_HEAD = re.compile(r"^decode_head\.aspp_modules\.(\d+)\.conv\.(weight|bias)$")
 _N_EXAMPLES = 3
@@ -237,12 +238,17 @@ def load_state_dict_checked(
     fmt: str,
     path: str = "<state dict>",
     strict_head: bool = False,
+    trained: bool = False,
 ) -> LoadReport:
-    """Load an already-unwrapped state dict with the rules of ``load_pretrained``."""
+    """Load an already-unwrapped state dict with the rules of ``load_pretrained``;
+    ``trained=True`` refuses initialisation files (a segmenter to evaluate must have its heads)."""
     head_prefixes: Sequence[str] = getattr(model, "HEAD_PREFIXES", DEFAULT_HEAD_PREFIXES)
     adapt = getattr(model, "adapt_checkpoint", None)
     if adapt is not None:
         sd, fmt = adapt(sd, fmt)
+    if trained and fmt in INIT_FORMATS:
+        raise CheckpointError(f"{path} is an initialisation file ({fmt}: a backbone's pre-trained weights), "
+                              "not a trained segmenter")
     style = getattr(model, "resnet_style", None)
     if fmt == "mmseg" and style is not None and style != "v1c":
         # same keys as the caffe-style trunk with the v1c stem, another network
@@ -250,7 +256,7 @@ def load_state_dict_checked(
             f"checkpoint {path} (mmseg) holds an mmseg ResNetV1c segmenter; the model is "
             f"resnet_style={style!r}: set model.resnet_style=v1c"
         )
-    init_file = fmt in ("imagenet_init", "classification", "pretrained_backbone")
+    init_file = fmt in INIT_FORMATS
     target = model.state_dict()
     report = LoadReport(path=path, format=fmt)
 

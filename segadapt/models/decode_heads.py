@@ -288,7 +288,7 @@ class ASPPSumHead(nn.Module):
 
         if not -len(in_channels) <= level < len(in_channels):
             raise ConfigError(f"ASPP head: level {level} out of range for {len(in_channels)} levels")
-        self.level = level
+        self.level = self.output_level = level
         self.classifier = ClassifierModule(int(in_channels[level]), num_classes, tuple(dilations))
 
     def forward(self, features: List[Tensor]) -> Tensor:

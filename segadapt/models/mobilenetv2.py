@@ -94,8 +94,10 @@ class MobileNetV2Features(nn.Module):
 # segmentation backbone: a level ends with each of these stages of INVERTED_RESIDUALS
 # (24 channels at stride 4, 32 at 8, 96 at 16 and 320 at 32 when nothing is dilated)
 LEVEL_STAGES = (1, 2, 4, 6)
-# per-stage (stride, dilation) for each output stride, as mmseg's MobileNetV2 configs for DeepLab
-# heads (output stride 8: strides (1, 2, 2, 1, 1, 1, 1), dilations (1, 1, 1, 2, 2, 4, 4))
+# per-stage (stride, dilation) for each output stride: the strides and dilations of mmseg's
+# MobileNetV2 configs for DeepLab heads (output stride 8: strides (1, 2, 2, 1, 1, 1, 1), dilations
+# (1, 1, 1, 2, 2, 4, 4)), applied to every block of a stage as DeepLab's atrous conversion does
+# (mmseg dilates only a stage's first block, which shrinks the receptive field of the later ones)
 STAGE_GEOMETRY = {
     8: ((1, 1), (2, 1), (2, 1), (1, 2), (1, 2), (1, 4), (1, 4)),
     16: ((1, 1), (2, 1), (2, 1), (2, 1), (1, 1), (1, 2), (1, 2)),
@@ -106,7 +108,7 @@ STAGE_GEOMETRY = {
 class MobileNetV2Backbone(nn.Module):
     """MobileNetV2 as a segmentation backbone: ``features.0`` .. ``features.17`` in the published
     layout (the 1x1 conv to 1280 channels, ``features.18``, and the classifier are not used),
-    output stride 8, 16 or 32 with strides replaced by dilations as mmseg's MobileNetV2. Levels:
+    output stride 8, 16 or 32 with strides replaced by dilations (``STAGE_GEOMETRY``). Levels:
     (24, 32, 96, 320) channels. Takes normalised input (the segmenter normalises)."""
 
     PUBLISHED_UNUSED = ("features.18.", "classifier.")

