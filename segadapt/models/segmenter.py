@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from segadapt.errors import ConfigError
