@@ -418,7 +418,7 @@ class Confeti(DAFormer):
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict, it: int) -> dict:
-        m, aux_w = self.mcfg, self.cfg.model.aux_weight
+        m = self.mcfg
         src, tgt = batch["source"], batch["target"]
         x_s, y_s, x_t = src["image"], src["label"], tgt["image"]
         if x_s.shape[-2:] != x_t.shape[-2:]:
@@ -470,9 +470,7 @@ class Confeti(DAFormer):
 
         # 6. student on the mixed batch
         out_mix = self.model(images, return_features=True)
-        losses["loss_mix_main"] = self.mix_ce(out_mix["main"], labels, mix_weights)
-        if "aux" in out_mix and aux_w > 0:
-            losses["loss_mix_aux"] = aux_w * self.mix_ce(out_mix["aux"], labels, mix_weights)
+        losses.update(self.pseudo_label_losses(out_mix, labels, mix_weights, "loss_mix_main", "loss_mix_aux"))
         if m.cam_weight > 0 and it > m.cam_mix_start:
             losses["loss_cam_mix"] = m.cam_weight * cam_loss(self.cam(out_mix["features"]), labels)
         if contrast_on:

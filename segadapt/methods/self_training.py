@@ -147,15 +147,19 @@ class DACS(UDAMethod):
 
     @torch.no_grad()
     def mix_batch(self, src: dict, target_images: torch.Tensor, target_labels, target_weights):
-        m = self.mcfg
         chosen = choose_mix_classes(src["label"], self.num_classes)
         mask = class_mix_mask(src["label"], chosen)
         images = mix(mask, src["image"], target_images)
         labels = mix(mask, src["label"], target_labels)
         weights = mix(mask, torch.ones_like(target_weights), target_weights)
+        return self.strong_augment(images), labels, weights, mask
+
+    @torch.no_grad()
+    def strong_augment(self, images: torch.Tensor) -> torch.Tensor:
+        """DACS's photometric augmentation: colour jitter, then Gaussian blur."""
+        m = self.mcfg
         images = color_jitter(images, m.jitter_strength, m.jitter_p, per=m.aug_apply_per)
-        images = random_gaussian_blur(images, m.blur_p, m.blur_sigma, m.blur_kernel_ratio, per=m.aug_apply_per)
-        return images, labels, weights, mask
+        return random_gaussian_blur(images, m.blur_p, m.blur_sigma, m.blur_kernel_ratio, per=m.aug_apply_per)
 
     def source_ce(self, out: dict, labels: torch.Tensor) -> dict:
         """The supervised source loss, averaged and upsampled as the method's config says."""
@@ -165,6 +169,15 @@ class DACS(UDAMethod):
     def mix_ce(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return weighted_cross_entropy(logits, labels, weights, self.mcfg.align_corners)
 
+    def pseudo_label_losses(self, out: dict, labels: torch.Tensor, weights: torch.Tensor, main_key: str,
+                            aux_key: str, scale: float = 1.0) -> dict:
+        """`scale` x the pixel-weighted CE of the main output (and aux_weight x it of the aux one)."""
+        aux_w = self.cfg.model.aux_weight
+        losses = {main_key: scale * self.mix_ce(out["main"], labels, weights)}
+        if "aux" in out and aux_w > 0:
+            losses[aux_key] = scale * aux_w * self.mix_ce(out["aux"], labels, weights)
+        return losses
+
     def source_losses(self, src: dict) -> dict:
         return self.source_ce(self.model(src["image"]), src["label"])
 
@@ -172,10 +185,7 @@ class DACS(UDAMethod):
     def mic_images(self, target_images: torch.Tensor) -> torch.Tensor:
         """MIC's input: the clean target, jittered and blurred with its own draw, block-masked."""
         m = self.mcfg
-        x = target_images
-        if m.mic_augment:
-            x = color_jitter(x, m.jitter_strength, m.jitter_p, per=m.aug_apply_per)
-            x = random_gaussian_blur(x, m.blur_p, m.blur_sigma, m.blur_kernel_ratio, per=m.aug_apply_per)
+        x = self.strong_augment(target_images) if m.mic_augment else target_images
         b, _, h, w = x.shape
         mask = block_mask(b, h, w, m.mic_block_size, m.mic_mask_ratio, x.device)
         return mask_image(x, mask, self.mic_fill)
@@ -183,12 +193,8 @@ class DACS(UDAMethod):
     def mic_losses(self, target_images: torch.Tensor, pseudo: torch.Tensor, weights: torch.Tensor) -> dict:
         """The student on the masked target against the teacher's labels of the unmasked one,
         weighted as the mix loss (q, zero in the ignored rows)."""
-        m, aux_w = self.mcfg, self.cfg.model.aux_weight
         out = self.model(self.mic_images(target_images))
-        losses = {"loss_mic": m.mic_weight * self.mix_ce(out["main"], pseudo, weights)}
-        if "aux" in out and aux_w > 0:
-            losses["loss_mic_aux"] = m.mic_weight * aux_w * self.mix_ce(out["aux"], pseudo, weights)
-        return losses
+        return self.pseudo_label_losses(out, pseudo, weights, "loss_mic", "loss_mic_aux", self.mcfg.mic_weight)
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict, it: int) -> dict:
@@ -202,9 +208,7 @@ class DACS(UDAMethod):
         pseudo, pseudo_weights, q = self.pseudo_labels(tgt["image"])
         images, labels, weights, mask = self.mix_batch(src, tgt["image"], pseudo, pseudo_weights)
         out = self.model(images)
-        losses["loss_mix_main"] = self.mix_ce(out["main"], labels, weights)
-        if "aux" in out and self.cfg.model.aux_weight > 0:
-            losses["loss_mix_aux"] = self.cfg.model.aux_weight * self.mix_ce(out["aux"], labels, weights)
+        losses.update(self.pseudo_label_losses(out, labels, weights, "loss_mix_main", "loss_mix_aux"))
         if self.mcfg.mic:
             del out
             losses = self.end_stage(losses)  # the mix graph goes before the masked forward
