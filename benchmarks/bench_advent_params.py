@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from segadapt.config import load_config  # noqa: E402
 from segadapt.methods import build_method  # noqa: E402
-from segadapt.models.deeplabv2 import build_segmenter  # noqa: E402
+from segadapt.models.segmenter import build_segmenter  # noqa: E402
 
 
 def mode_overrides(param_list: str, overrides: list[str]) -> list[str]:

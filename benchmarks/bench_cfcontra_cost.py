@@ -70,7 +70,7 @@ class Variant:
         from segadapt.config import load_config
         from segadapt.engine.distributed import resolve_device
         from segadapt.methods import build_method
-        from segadapt.models.deeplabv2 import build_segmenter
+        from segadapt.models.segmenter import build_segmenter
 
         torch.set_num_threads(spec["threads"])
         torch.manual_seed(0)

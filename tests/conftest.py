@@ -87,7 +87,7 @@ def tiny_run(tiny_synth, tmp_path_factory):
 def load_eager_segmenter(run_dir):
     """The run's final segmenter, built directly from its checkpoint (independent of predictor/export code)."""
     from segadapt.config import load_config
-    from segadapt.models.deeplabv2 import build_segmenter
+    from segadapt.models.segmenter import build_segmenter
 
     ckpt = torch.load(Path(run_dir) / "final.pth", map_location="cpu", weights_only=False)
     model = build_segmenter(load_config(None, base=ckpt["config"]).model)

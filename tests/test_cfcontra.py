@@ -17,7 +17,7 @@ from segadapt.methods.losses import (
     momentum_update_,
     nearest_prototype_labels,
 )
-from segadapt.models.deeplabv2 import build_segmenter
+from segadapt.models.segmenter import build_segmenter
 from segadapt.models.heads import ProjectionHead
 
 from .conftest import assert_resumed_run_equal, kill_and_resume, tiny_overrides

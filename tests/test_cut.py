@@ -340,7 +340,7 @@ def cut_overrides(tiny_synth, out, **extra):
 
 def test_method_config_errors_name_the_key(tiny_synth, tmp_path):
     from segadapt.methods import build_method
-    from segadapt.models.deeplabv2 import build_segmenter
+    from segadapt.models.segmenter import build_segmenter
 
     cfg = load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path, **{"method.nce_layers": "[4, 0]"}))
     with pytest.raises(ConfigError, match=r"^method\.nce_layers: must be increasing"):

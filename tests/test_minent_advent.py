@@ -15,7 +15,7 @@ from segadapt.methods.advent import SOURCE_LABEL, TARGET_LABEL, AdvEnt
 from segadapt.methods.base import segmentation_loss, upsample
 from segadapt.methods.losses import entropy_loss, entropy_map, self_information
 from segadapt.methods.minent import MinEnt
-from segadapt.models.deeplabv2 import build_segmenter
+from segadapt.models.segmenter import build_segmenter
 from segadapt.models.discriminator import FCDiscriminator
 
 from .conftest import tiny_overrides

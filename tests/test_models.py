@@ -14,7 +14,8 @@ from torch import nn
 
 from segadapt.errors import CheckpointError, ConfigError
 from segadapt.models.checkpoints import load_pretrained
-from segadapt.models.deeplabv2 import ClassifierModule, DeepLabV2, build_segmenter, normalize_input
+from segadapt.models.deeplabv2 import ClassifierModule, DeepLabV2, normalize_input
+from segadapt.models.segmenter import build_segmenter
 from segadapt.models.resnet import ResNet
 
 H, W = 33, 65  # odd sizes: output stride 8 with ceil -> 5 x 9

@@ -10,7 +10,7 @@ from segadapt.engine.optim import RepeatedSGD, build_optimizer
 from segadapt.errors import ConfigError
 from segadapt.methods import build_method
 from segadapt.methods.source_only import SourceOnly
-from segadapt.models.deeplabv2 import build_segmenter
+from segadapt.models.segmenter import build_segmenter
 
 from .conftest import assert_resumed_run_equal, kill_and_resume, tiny_overrides
 

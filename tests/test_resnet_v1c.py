@@ -15,7 +15,8 @@ from segadapt.engine.predictor import load_segmenter
 from segadapt.errors import CheckpointError, ConfigError
 from segadapt.methods.feature_distance import FrozenBackbone
 from segadapt.models.checkpoints import extract_state_dict, load_pretrained, load_state_dict_checked
-from segadapt.models.deeplabv2 import DeepLabV2, build_segmenter
+from segadapt.models.deeplabv2 import DeepLabV2
+from segadapt.models.segmenter import build_segmenter
 from segadapt.models.resnet import ResNet
 
 BLOCKS = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}

@@ -35,11 +35,8 @@ class SegmenterExport(nn.Module):
     def __init__(self, model: nn.Module, with_argmax: bool = False):
         super().__init__()
         model = copy.deepcopy(model).cpu().eval()
-        # the auxiliary classifier is a training aid: drop it from the graph
-        if getattr(model, "layer5", None) is not None and hasattr(model, "aux"):
-            model.layer5, model.aux = None, False
-        if getattr(model, "auxiliary_head", None) is not None:
-            model.auxiliary_head, model.aux = None, False
+        if getattr(model, "aux", False):
+            model.drop_aux()
         self.model = model
         self.with_argmax = with_argmax
 
@@ -92,7 +89,7 @@ def _compare(got: torch.Tensor, ref: torch.Tensor, with_argmax: bool, tolerance:
 
 def _metadata(model: nn.Module, size: tuple[int, int], with_argmax: bool) -> dict:
     return {"producer": "segadapt", "input": f"float32 RGB in [0,1], shape (1, 3, {size[1]}, {size[0]})",
-            "output": "train ids (1, H, W) int64" if with_argmax else f"logits (1, C, h, w) at output stride {getattr(model, 'output_stride', 8)}",
+            "output": "train ids (1, H, W) int64" if with_argmax else f"logits (1, C, h, w) at output stride {model.output_stride}",
             "num_classes": int(getattr(model, "num_classes", 0)),
             "normalization": str(getattr(model, "normalization", "")), "size_wh": list(size)}
 

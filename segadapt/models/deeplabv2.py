@@ -37,7 +37,6 @@ __all__ = [
     "ClassifierModule",
     "DeepLabV2",
     "build_deeplabv2",
-    "build_segmenter",
 ]
 
 # Caffe/ADVENT mean in BGR order, on the 0..255 scale.
@@ -160,12 +159,8 @@ class DeepLabV2(ResNet):
         self.layer6 = ClassifierModule(self.stage_channels[3], num_classes, aspp_dilations)
 
     def forward(self, x: Tensor, return_features: bool = False) -> Dict[str, Tensor]:  # type: ignore[override]
-        x = self.normalize(x)
-        x = self.forward_stem(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
-        c3 = self.layer3(x)
-        c4 = self.layer4(c3)
+        feats = self.extract_features(x)
+        c3, c4 = feats[2], feats[3]
         out: Dict[str, Tensor] = {"main": self.layer6(c4)}
         if self.layer5 is not None:
             out["aux"] = self.layer5(c3)
@@ -175,16 +170,18 @@ class DeepLabV2(ResNet):
 
     def extract_features(self, x: Tensor) -> List[Tensor]:
         """layer1 .. layer4 outputs (the feature levels, finest first)."""
-        x = self.forward_stem(self.normalize(x))
-        feats = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            feats.append(x)
-        return feats
+        c1 = self.layer1(self.forward_stem(self.normalize(x)))
+        c2 = self.layer2(c1)
+        c3 = self.layer3(c2)
+        return [c1, c2, c3, self.layer4(c3)]  # unrolled: forward stays TorchScript-compilable
 
     def drop_heads(self) -> None:
         """Keep only what ``extract_features`` needs (frozen feature-distance copies)."""
         self.layer5 = self.layer6 = None
+
+    def drop_aux(self) -> None:
+        """Remove the auxiliary classifier (a training aid) from the graph."""
+        self.layer5, self.aux = None, False
 
     def adapt_checkpoint(self, sd: Dict[str, Tensor], fmt: str) -> Tuple[Dict[str, Tensor], str]:
         """mmseg segmentor keys (``backbone.*``, ``decode_head.aspp_modules.*``) -> ours."""
@@ -214,11 +211,11 @@ def _cfg_get(cfg, name: str, default):
     return getattr(cfg, name, default)
 
 
-def build_segmenter(cfg) -> nn.Module:
-    """Any segmenter (``segmenter.build_segmenter``); kept here for existing callers."""
-    from .segmenter import build_segmenter as build_any
-
-    return build_any(cfg)
+def _positive_ints(value, what: str) -> List[int]:
+    if (not isinstance(value, (list, tuple)) or not value
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+        raise ConfigError(f"{what} must be a non-empty list of positive integers, got {value!r}")
+    return list(value)
 
 
 def build_deeplabv2(cfg) -> DeepLabV2:
@@ -253,13 +250,7 @@ def build_deeplabv2(cfg) -> DeepLabV2:
         raise ConfigError(f"model.stem={stem!r} does not apply to resnet_style v1c (its stem is always 'v1c')")
     if resnet_style == "v1c" and stride_in_1x1:
         raise ConfigError("model.stride_in_1x1=true does not apply to resnet_style v1c (it strides in the 3x3 conv)")
-    aspp_dilations = _cfg_get(cfg, "aspp_dilations", (6, 12, 18, 24))
-    if (
-        not isinstance(aspp_dilations, (list, tuple))
-        or not aspp_dilations
-        or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in aspp_dilations)
-    ):
-        raise ConfigError(f"model.aspp_dilations must be a non-empty list of positive integers, got {aspp_dilations!r}")
+    aspp_dilations = _positive_ints(_cfg_get(cfg, "aspp_dilations", (6, 12, 18, 24)), "model.aspp_dilations")
     normalization = _cfg_get(cfg, "normalization", "advent_bgr")
     if normalization not in NORMALIZATIONS:
         raise ConfigError(

@@ -258,6 +258,10 @@ class MixVisionTransformer(nn.Module):
             feats.append(x)
         return feats
 
+    def convert_published(self, sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """A published ``mit_b*.pth`` state dict less its ImageNet classifier."""
+        return {k: v for k, v in sd.items() if k not in MIT_CLASSIFIER_KEYS}
+
 
 def build_mit(name: str, drop_path_rate: float = 0.1, embed_dims: Optional[Sequence[int]] = None,
               **overrides) -> MixVisionTransformer:

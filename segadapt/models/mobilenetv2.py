@@ -10,6 +10,7 @@ finds it). Only ``features`` are built; the classifier is ignored.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Union
@@ -30,6 +31,7 @@ INVERTED_RESIDUALS: Tuple[Tuple[int, int, int, int], ...] = (
     (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 STEM_CHANNELS = 32
 LAST_CHANNELS = 1280
+LAST_INDEX = 18  # features.18: the 1x1 conv to LAST_CHANNELS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -56,12 +58,31 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_shortcut else self.conv(x)
 
 
-def _feature_modules() -> List[nn.Module]:
+# segmentation backbone: a level ends with each of these stages of INVERTED_RESIDUALS
+# (24 channels at stride 4, 32 at 8, 96 at 16 and 320 at 32 when nothing is dilated)
+LEVEL_STAGES = (1, 2, 4, 6)
+# per-stage (stride, dilation) for each output stride: the strides and dilations of mmseg's
+# MobileNetV2 configs for DeepLab heads (output stride 8: strides (1, 2, 2, 1, 1, 1, 1), dilations
+# (1, 1, 1, 2, 2, 4, 4)), applied to every block of a stage as DeepLab's atrous conversion does
+# (mmseg dilates only a stage's first block, which shrinks the receptive field of the later ones)
+STAGE_GEOMETRY = {
+    8: ((1, 1), (2, 1), (2, 1), (1, 2), (1, 2), (1, 4), (1, 4)),
+    16: ((1, 1), (2, 1), (2, 1), (2, 1), (1, 1), (1, 2), (1, 2)),
+    32: tuple((s, 1) for _, _, _, s in INVERTED_RESIDUALS),
+}
+
+
+def _feature_modules(output_stride: int = 32) -> List[nn.Module]:
+    """The 19 ``features`` modules; below stride 32 later stages dilate instead of striding."""
     mods: List[nn.Module] = [_conv_bn_relu6(3, STEM_CHANNELS, 3, 2)]
     c_in = STEM_CHANNELS
-    for t, c, n, s in INVERTED_RESIDUALS:
+    for (t, c, n, _), (stride, dil) in zip(INVERTED_RESIDUALS, STAGE_GEOMETRY[output_stride]):
         for i in range(n):
-            mods.append(InvertedResidual(c_in, c, s if i == 0 else 1, t))
+            block = InvertedResidual(c_in, c, stride if i == 0 else 1, t)
+            if dil > 1:  # the depthwise conv; shortcuts are unchanged (first blocks change width)
+                dw = block.conv[0 if t == 1 else 1][0]
+                dw.dilation, dw.padding = (dil, dil), (dil, dil)
+            mods.append(block)
             c_in = c
     mods.append(_conv_bn_relu6(c_in, LAST_CHANNELS, 1))
     return mods
@@ -91,20 +112,6 @@ class MobileNetV2Features(nn.Module):
         return self.features(self.normalise(x))
 
 
-# segmentation backbone: a level ends with each of these stages of INVERTED_RESIDUALS
-# (24 channels at stride 4, 32 at 8, 96 at 16 and 320 at 32 when nothing is dilated)
-LEVEL_STAGES = (1, 2, 4, 6)
-# per-stage (stride, dilation) for each output stride: the strides and dilations of mmseg's
-# MobileNetV2 configs for DeepLab heads (output stride 8: strides (1, 2, 2, 1, 1, 1, 1), dilations
-# (1, 1, 1, 2, 2, 4, 4)), applied to every block of a stage as DeepLab's atrous conversion does
-# (mmseg dilates only a stage's first block, which shrinks the receptive field of the later ones)
-STAGE_GEOMETRY = {
-    8: ((1, 1), (2, 1), (2, 1), (1, 2), (1, 2), (1, 4), (1, 4)),
-    16: ((1, 1), (2, 1), (2, 1), (2, 1), (1, 1), (1, 2), (1, 2)),
-    32: tuple((s, 1) for _, _, _, s in INVERTED_RESIDUALS),
-}
-
-
 class MobileNetV2Backbone(nn.Module):
     """MobileNetV2 as a segmentation backbone: ``features.0`` .. ``features.17`` in the published
     layout (the 1x1 conv to 1280 channels, ``features.18``, and the classifier are not used),
@@ -117,18 +124,9 @@ class MobileNetV2Backbone(nn.Module):
         super().__init__()
         if output_stride not in STAGE_GEOMETRY:
             raise ConfigError(f"MobileNetV2 output stride must be 8, 16 or 32, got {output_stride}")
-        mods: List[nn.Module] = [_conv_bn_relu6(3, STEM_CHANNELS, 3, 2)]
-        c_in, ends = STEM_CHANNELS, []
-        for stage, ((t, c, n, _), (stride, dil)) in enumerate(zip(INVERTED_RESIDUALS, STAGE_GEOMETRY[output_stride])):
-            for i in range(n):
-                block = InvertedResidual(c_in, c, stride if i == 0 else 1, t)
-                if dil > 1:  # the depthwise conv; shortcuts are unchanged (first blocks change width)
-                    dw = block.conv[0 if t == 1 else 1][0]
-                    dw.dilation, dw.padding = (dil, dil), (dil, dil)
-                mods.append(block)
-                c_in = c
-            ends.append(len(mods) - 1)
-        self.features = nn.Sequential(*mods)
+        self.features = nn.Sequential(*_feature_modules(output_stride)[:LAST_INDEX])
+        # index of each stage's last block (the stem is features.0)
+        ends = list(itertools.accumulate(n for _, _, n, _ in INVERTED_RESIDUALS))
         self.level_ends = frozenset(ends[stage] for stage in LEVEL_STAGES)
         self.out_channels = tuple(INVERTED_RESIDUALS[stage][1] for stage in LEVEL_STAGES)
         self.strides = tuple(min(st, output_stride) for st in (4, 8, 16, 32))

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from segadapt.errors import ConfigError
 
 from .deeplabv2 import BACKBONES as RESNET_BACKBONES
-from .deeplabv2 import NORMALIZATIONS, InputNormalization, build_deeplabv2
+from .deeplabv2 import NORMALIZATIONS, InputNormalization, _cfg_get, _positive_ints, build_deeplabv2
 
 __all__ = ["ARCHS", "DECODE_HEADS", "EncoderDecoder", "build_segmenter", "build_backbone", "encoder_backbones"]
 
@@ -110,38 +110,19 @@ class EncoderDecoder(nn.Module):
         """Keep only what ``extract_features`` needs (frozen feature-distance copies)."""
         self.decode_head = self.auxiliary_head = None
 
+    def drop_aux(self) -> None:
+        """Remove the auxiliary classifier (a training aid) from the graph."""
+        self.auxiliary_head, self.aux = None, False
+
     def adapt_checkpoint(self, sd: Dict[str, Tensor], fmt: str) -> Tuple[Dict[str, Tensor], str]:
         """A file's keys -> this layout. mmseg segmentors and segadapt checkpoints already have it;
-        a published ImageNet backbone file (``mit_b5.pth``, ``dinov2_vitl14_pretrain.pth``) has the
-        backbone's keys without prefix (plus its own classifier, skipped)."""
+        a published pre-trained backbone file (``mit_b5.pth``, ``dinov2_vitl14_pretrain.pth``,
+        ``mobilenet_v2-b0353104.pth``) has the backbone's keys without prefix, which the backbone's
+        ``convert_published`` maps (dropping what it does not use, e.g. the ImageNet classifier)."""
         if fmt in ("mmseg", "segadapt") or any(k.startswith(("backbone.", "decode_head.")) for k in sd):
             return sd, fmt
-        from .mit import MIT_CLASSIFIER_KEYS
-        from .vit import DinoVisionTransformer, dinov2_state_dict
-
-        if isinstance(self.backbone, DinoVisionTransformer):
-            sd = dinov2_state_dict(sd)  # chunked training checkpoints -> blocks.i
-        from .mobilenetv2 import MobileNetV2Backbone
-
-        if isinstance(self.backbone, MobileNetV2Backbone):
-            sd = self.backbone.convert_published(sd)  # its 1280-channel conv and classifier unused
-        skip = MIT_CLASSIFIER_KEYS
-        return {f"backbone.{k}": v for k, v in sd.items() if k not in skip}, "pretrained_backbone"
-
-
-def _cfg_get(cfg, name: str, default):
-    if isinstance(cfg, dict):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
-
-
-def _positive_ints(value, what: str) -> Optional[List[int]]:
-    if value is None:
-        return None
-    if (not isinstance(value, (list, tuple)) or not value
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
-        raise ConfigError(f"{what} must be a non-empty list of positive integers, got {value!r}")
-    return list(value)
+        sd = self.backbone.convert_published(sd)
+        return {f"backbone.{k}": v for k, v in sd.items()}, "pretrained_backbone"
 
 
 def build_backbone(cfg) -> nn.Module:
@@ -154,7 +135,8 @@ def build_backbone(cfg) -> nn.Module:
     if drop_path is not None and (isinstance(drop_path, bool) or not isinstance(drop_path, (int, float))
                                   or not 0.0 <= drop_path < 1.0):
         raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {drop_path!r}")
-    widths = _positive_ints(_cfg_get(cfg, "embed_dims", None), "model.embed_dims")
+    widths = _cfg_get(cfg, "embed_dims", None)
+    widths = None if widths is None else _positive_ints(widths, "model.embed_dims")
     if name in MIT_PRESETS:
         kwargs = {} if drop_path is None else {"drop_path_rate": float(drop_path)}
         return build_mit(name, embed_dims=widths, **kwargs)

@@ -259,6 +259,10 @@ class DinoVisionTransformer(nn.Module):
                 features.append(patches.transpose(1, 2).reshape(x.shape[0], self.embed_dim, h, w))
         return features
 
+    def convert_published(self, sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """A published or DINOv2-training state dict in this layout (chunked blocks unchunked)."""
+        return dinov2_state_dict(sd)
+
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
