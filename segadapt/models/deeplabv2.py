@@ -211,6 +211,22 @@ def _cfg_get(cfg, name: str, default):
     return getattr(cfg, name, default)
 
 
+def _normalization(cfg, default: str) -> str:
+    normalization = _cfg_get(cfg, "normalization", default)
+    if normalization not in NORMALIZATIONS:
+        raise ConfigError(
+            f"model.normalization: unknown normalization {normalization!r}; supported: {', '.join(NORMALIZATIONS)}"
+        )
+    return normalization
+
+
+def _num_classes(cfg) -> int:
+    num_classes = _cfg_get(cfg, "num_classes", 19)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"model.num_classes must be a positive integer, got {num_classes!r}")
+    return num_classes
+
+
 def _positive_ints(value, what: str) -> List[int]:
     if (not isinstance(value, (list, tuple)) or not value
             or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
@@ -251,20 +267,14 @@ def build_deeplabv2(cfg) -> DeepLabV2:
     if resnet_style == "v1c" and stride_in_1x1:
         raise ConfigError("model.stride_in_1x1=true does not apply to resnet_style v1c (it strides in the 3x3 conv)")
     aspp_dilations = _positive_ints(_cfg_get(cfg, "aspp_dilations", (6, 12, 18, 24)), "model.aspp_dilations")
-    normalization = _cfg_get(cfg, "normalization", "advent_bgr")
-    if normalization not in NORMALIZATIONS:
-        raise ConfigError(
-            f"model.normalization: unknown normalization {normalization!r}; supported: {', '.join(NORMALIZATIONS)}"
-        )
+    normalization = _normalization(cfg, "advent_bgr")
     bn_mode = _cfg_get(cfg, "bn_mode", "train")
     if bn_mode not in BN_MODES:
         raise ConfigError(f"model.bn_mode: unknown BN mode {bn_mode!r}; supported: {', '.join(BN_MODES)}")
     base_width = _cfg_get(cfg, "base_width", 64)
     if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 2 or base_width % 2:
         raise ConfigError(f"model.base_width must be an even integer >= 2, got {base_width!r}")
-    num_classes = _cfg_get(cfg, "num_classes", 19)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"model.num_classes must be a positive integer, got {num_classes!r}")
+    num_classes = _num_classes(cfg)
 
     model = DeepLabV2(
         num_classes=num_classes,

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from segadapt.errors import ConfigError
 
 from .deeplabv2 import BACKBONES as RESNET_BACKBONES
-from .deeplabv2 import NORMALIZATIONS, InputNormalization, _cfg_get, _positive_ints, build_deeplabv2
+from .deeplabv2 import (InputNormalization, _cfg_get, _normalization, _num_classes, _positive_ints,
+                        build_deeplabv2)
 
 __all__ = ["ARCHS", "DECODE_HEADS", "EncoderDecoder", "build_segmenter", "build_backbone", "encoder_backbones"]
 
@@ -137,13 +138,12 @@ def build_backbone(cfg) -> nn.Module:
         raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {drop_path!r}")
     widths = _cfg_get(cfg, "embed_dims", None)
     widths = None if widths is None else _positive_ints(widths, "model.embed_dims")
+    kwargs = {} if drop_path is None else {"drop_path_rate": float(drop_path)}  # else the backbone's
     if name in MIT_PRESETS:
-        kwargs = {} if drop_path is None else {"drop_path_rate": float(drop_path)}
         return build_mit(name, embed_dims=widths, **kwargs)
     if name.startswith(DINOV2_PREFIX) and name[len(DINOV2_PREFIX):] in DINOV2_PRESETS:
         if widths is not None and len(widths) != 1:
             raise ConfigError(f"model.embed_dims for a ViT is one width, got {widths!r}")
-        kwargs = {} if drop_path is None else {"drop_path_rate": float(drop_path)}
         depth = _cfg_get(cfg, "vit_depth", None)
         heads = _cfg_get(cfg, "vit_heads", None)
         return build_dinov2(name[len(DINOV2_PREFIX):], out_indices=_cfg_get(cfg, "out_indices", None),
@@ -190,13 +190,8 @@ def build_segmenter(cfg) -> nn.Module:
     name = _cfg_get(cfg, "backbone", "mit_b5")
     if name in RESNET_BACKBONES:
         raise ConfigError(f"model.backbone={name!r} is a ResNet: use model.arch=deeplabv2")
-    normalization = _cfg_get(cfg, "normalization", "imagenet_rgb")
-    if normalization not in NORMALIZATIONS:
-        raise ConfigError(f"model.normalization: unknown normalization {normalization!r}; "
-                          f"supported: {', '.join(NORMALIZATIONS)}")
-    num_classes = _cfg_get(cfg, "num_classes", 19)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"model.num_classes must be a positive integer, got {num_classes!r}")
+    normalization = _normalization(cfg, "imagenet_rgb")
+    num_classes = _num_classes(cfg)
     if _cfg_get(cfg, "bn_mode", "train") != "train":
         raise ConfigError("model.bn_mode applies to arch deeplabv2 only (the encoder-decoder trains its "
                           "norms as its reference does): set model.bn_mode=train")
