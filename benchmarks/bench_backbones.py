@@ -14,6 +14,7 @@ the part that differs between backbones. Run it on a quiet machine: the CPU colu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -72,7 +73,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for label, name, overrides in ROWS:
         cfg = load_config(name, overrides)
-        m = cfg.model.__class__(**{**vars(cfg.model), "pretrained": None})
+        m = dataclasses.replace(cfg.model, pretrained=None)
         w, h = cfg.source.crop or cfg.source.resize or (256, 128)  # ADVENT: whole resized images
         batch = cfg.train.batch_source
         with torch.device("meta"):
