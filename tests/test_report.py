@@ -124,3 +124,49 @@ def test_missing_run_folder_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
     err = stderr_lines(capsys)
     assert len(err) == 1 and "nowhere" in err[0] and "does not exist" in err[0]
+
+
+def _fake_group_runs(means_by_name):
+    from pathlib import Path
+
+    from segadapt.engine.report import Run
+
+    runs = []
+    for name, values in means_by_name.items():
+        for seed, m in enumerate(values):
+            res = EvalResult(per_class_iou=[m], class_names=["road"], pixel_accuracy=0.5, miou=m)
+            runs.append(Run(Path(f"/runs/{name}/seed{seed}"), name, seed, "x", {}, result=res))
+    return group_runs(runs)
+
+
+def test_gap_table_compares_each_config_with_its_own_tracks_baselines():
+    from segadapt.engine.report import gap_table
+
+    groups = _fake_group_runs({
+        "synthetic_source_only": [0.18, 0.20], "synthetic_oracle": [0.35, 0.35], "synthetic_dacs": [0.26, 0.28],
+        "synthetic_mit_source_only": [0.10], "synthetic_mit_oracle": [0.30], "synthetic_mit_dacs": [0.15],
+        "synthetic_mit_x_dacs": [0.20],  # track synthetic_mit_ (no synthetic_mit_x_ pair)
+        "other_dacs": [0.5]})  # no track: left out
+    header, rows = gap_table(groups)
+    assert header[-2:] == ["gain (points)", "gap closed (%)"]
+    # synthetic: 27 - 19 = +8 of a 35 - 19 = 16 gap -> 50 %; mit: +5 of 20 -> 25 %, +10 of 20 -> 50 %
+    assert rows == [["synthetic_dacs", "27.00 ± 1.41", "19.00", "35.00", "+8.00", "50"],
+                    ["synthetic_mit_dacs", "15.00", "10.00", "30.00", "+5.00", "25"],
+                    ["synthetic_mit_x_dacs", "20.00", "10.00", "30.00", "+10.00", "50"]]
+    assert gap_table(_fake_group_runs({"synthetic_source_only": [0.2], "synthetic_dacs": [0.3]})) is None
+    # an oracle below source-only has no gap to close
+    _, rows = gap_table(_fake_group_runs({"a_source_only": [0.3], "a_oracle": [0.2], "a_dacs": [0.25]}))
+    assert rows == [["a_dacs", "25.00", "30.00", "20.00", "-5.00", "n/a"]]
+
+
+def test_report_page_has_the_gap_table(runs_root, tmp_path):
+    runs = tmp_path / "runs"
+    for name, miou in (("synthetic_source_only", 0.2), ("synthetic_oracle", 0.4), ("synthetic_minent", 0.25)):
+        shutil.copytree(runs_root / "seed0", runs / name, ignore=shutil.ignore_patterns("*.pth"))
+        cfg = (runs / name / "config.yaml").read_text().replace("name: synthetic_source_only", f"name: {name}")
+        (runs / name / "config.yaml").write_text(cfg)
+        _write_result(runs / name, [miou] * 3, 0.5)
+    out = tmp_path / "rep"
+    assert main(["report", str(runs), "--out", str(out), "--markdown", "--samples", "0"]) == 0
+    md = (out / "report.md").read_text()
+    assert "| synthetic_minent | 25.00 | 20.00 | 40.00 | +5.00 | 25 |" in md

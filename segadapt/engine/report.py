@@ -446,6 +446,41 @@ def results_table(groups: Sequence[RunGroup]) -> tuple[list[str], list[list[str]
     return header, rows
 
 
+BASELINE_SUFFIX, ORACLE_SUFFIX = "source_only", "oracle"
+
+
+def _track_of(name: str, names: set) -> Optional[str]:
+    """The longest prefix P of ``name`` such that configs ``P + 'source_only'`` and ``P + 'oracle'``
+    are both reported (``synthetic_mit_daformer`` -> ``synthetic_mit_``); None without one."""
+    cuts = [i for i, ch in enumerate(name) if ch == "_"] + [-1]
+    for i in sorted(cuts, reverse=True):
+        prefix = name[:i + 1]
+        if prefix + BASELINE_SUFFIX in names and prefix + ORACLE_SUFFIX in names:
+            return prefix
+    return None
+
+
+def gap_table(groups: Sequence[RunGroup]) -> Optional[tuple[list[str], list[list[str]]]]:
+    """(header, rows): each config against the source-only and oracle runs of its own track (the
+    configs named ``<track>source_only`` and ``<track>oracle``): the gain of its mean mIoU over
+    source-only and the share of the source-only -> oracle gap it closes. None without such a pair."""
+    means = {g.name: g.metric("mIoU") for g in groups}
+    names = {n for n, s in means.items() if s.n}
+    rows = []
+    for g in groups:
+        track = _track_of(g.name, names)
+        if track is None or g.name in (track + BASELINE_SUFFIX, track + ORACLE_SUFFIX) or not means[g.name].n:
+            continue
+        low, high, own = (means[track + BASELINE_SUFFIX].mean, means[track + ORACLE_SUFFIX].mean,
+                          means[g.name].mean)
+        closed = "n/a" if high <= low else f"{100 * (own - low) / (high - low):.0f}"
+        rows.append([g.name, means[g.name].pct(), f"{100 * low:.2f}", f"{100 * high:.2f}",
+                     f"{100 * (own - low):+.2f}", closed])
+    if not rows:
+        return None
+    return ["config", "mIoU", "source-only", "oracle", "gain (points)", "gap closed (%)"], rows
+
+
 def runs_table(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
     header = ["run folder", "config", "seed", "iterations", "final train loss", "mIoU"]
     rows = []
@@ -499,7 +534,11 @@ def _sections(runs, groups, samples, device, log) -> list[_Section]:
     results = _Section("results", "Results")
     results.notes.append("Scores in percent. Runs of one config with different seeds are grouped: "
                          "mean ± sample standard deviation over the seeds.")
-    results.tables += [("By config", *results_table(groups)), ("By run", *runs_table(runs))]
+    results.tables.append(("By config", *results_table(groups)))
+    gaps = gap_table(groups)
+    if gaps:
+        results.tables.append(("Against each track's source-only and oracle", *gaps))
+    results.tables.append(("By run", *runs_table(runs)))
 
     curves = _Section("curves", "Training curves")
     png = curves_figure(groups)
@@ -549,7 +588,7 @@ figure{margin:1em 0}figcaption{font-size:0.85em;color:#555}.note{color:#666;font
 
 def _numeric(rows, col: int) -> bool:
     """Right-align a column whose cells are all numbers (or n/a, ?)."""
-    return all(re.fullmatch(r"[-\d.,±/ ]+|n/a|\?", str(row[col])) for row in rows)
+    return all(re.fullmatch(r"[-+\d.,±/ ]+|n/a|\?", str(row[col])) for row in rows)
 
 
 def _html_table(caption, header, rows) -> str:
