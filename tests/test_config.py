@@ -93,3 +93,26 @@ def test_reference_defaults_gta5():
     assert cfg.optim.poly_iters == 250000 and cfg.train.iters == 120000 and cfg.optim.head_lr_mult == 10
     assert cfg.source.resize == [1280, 720] and cfg.target.resize == [1024, 512]
     assert cfg.model.backbone == "resnet101" and cfg.model.normalization == "advent_bgr"
+
+
+@pytest.mark.parametrize("track", ["synthetic_mnv2", "synthetic_mit"])
+def test_backbone_tracks_change_only_the_network(track):
+    """A track of the synthetic benchmark is the same data, method, optimizer, schedule and
+    evaluation with another network (the pretrained track also trains channels-last)."""
+    names = [n for n in packaged_config_names() if n.startswith(track + "/")]
+    assert len(names) >= 6
+    for name in names:
+        ours = load_config(name).to_dict()
+        base = load_config("synthetic/" + name.split("/")[1]).to_dict()
+        assert ours["name"] == base["name"].replace("synthetic_", track + "_", 1)
+        assert ours["model"]["arch"] == "encoder_decoder"
+        for key in set(ours) | set(base):
+            if key in ("name", "out_dir", "model"):
+                continue
+            if key == "train":
+                ours[key].pop("channels_last"), base[key].pop("channels_last")
+            assert ours[key] == base[key], (name, key)
+        if track == "synthetic_mnv2":
+            m = ours["model"]
+            assert (m["backbone"], m["output_stride"], m["decode_head"], m["aux"], m["pretrained"]) == (
+                "mobilenetv2", 8, "aspp", True, "installed")

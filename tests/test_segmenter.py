@@ -257,6 +257,9 @@ BACKBONES = {
     "vit": {"model.backbone": "dinov2_vits14", "model.embed_dims": "[16]", "model.vit_depth": 2,
             "model.vit_heads": 2, "model.decode_head": "linear", "model.aux": "false"},
     "mobilenetv2": {"model.backbone": "mobilenetv2", "model.decode_head": "aspp", "model.aux": "true"},
+    # the pretrained track trains channels-last: every method's reshapes must accept that layout
+    "mobilenetv2_channels_last": {"model.backbone": "mobilenetv2", "model.decode_head": "aspp", "model.aux": "true",
+                                  "train.channels_last": "true"},
 }
 METHODS = {
     "synthetic/minent": {},
