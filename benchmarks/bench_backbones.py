@@ -32,6 +32,7 @@ ROWS = [
     ("DINOv2 ViT-L/14 + linear head", "gta5_cityscapes/daformer_dinov2_vitl", ["model.decode_head=linear"]),
     ("synthetic: ResNet-18 / 4 DeepLabV2", "synthetic/source_only", []),
     ("synthetic: MiT-B0 / 2 + DAFormer head 64", "synthetic_mit/source_only", []),
+    ("synthetic: ImageNet MobileNetV2 DeepLabV2, output stride 8", "synthetic_mnv2/source_only", []),
 ]
 
 
@@ -44,10 +45,12 @@ def step_gflop(model_cfg, batch: int, hw: tuple[int, int]) -> float:
     return 3 * fc.get_total_flops() / 1e9
 
 
-def cpu_ms(model_cfg, size: int, repeats: int) -> float:
+def cpu_ms(model_cfg, size: int, repeats: int, channels_last: bool = False) -> float:
     torch.manual_seed(0)
     model = build_segmenter(model_cfg).train()
     x = torch.rand(1, 3, size, size)
+    if channels_last:  # as the config trains (train.channels_last)
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     times = []
     for i in range(repeats + 1):
         t = time.perf_counter()
@@ -65,6 +68,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-cpu", action="store_true", help="parameters and GFLOP only")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", default=None, help="rows whose config name contains this text")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,6 +76,8 @@ def main() -> None:
     print(f"| segmenter (config) | parameters | train crop x batch | GFLOP / step | CPU ms, fwd+bwd 1x{args.cpu_size}² |")
     print("|---|---|---|---|---|")
     for label, name, overrides in ROWS:
+        if args.only and args.only not in name:
+            continue
         cfg = load_config(name, overrides)
         m = dataclasses.replace(cfg.model, pretrained=None)
         w, h = cfg.source.crop or cfg.source.resize or (256, 128)  # ADVENT: whole resized images
@@ -79,7 +85,7 @@ def main() -> None:
         with torch.device("meta"):
             params = sum(p.numel() for p in build_segmenter(m).parameters())
         gflop = step_gflop(m, batch, (h, w))
-        ms = None if args.no_cpu else cpu_ms(m, args.cpu_size, args.repeats)
+        ms = None if args.no_cpu else cpu_ms(m, args.cpu_size, args.repeats, cfg.train.channels_last)
         rows.append(dict(label=label, config=name, overrides=overrides, params=params, crop=[w, h], batch=batch,
                          gflop_per_step=gflop, cpu_ms=ms))
         cpu = "-" if ms is None else f"{ms:,.0f}"
