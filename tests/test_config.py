@@ -110,7 +110,8 @@ def test_backbone_tracks_change_only_the_network(track):
             if key in ("name", "out_dir", "model"):
                 continue
             if key == "train":
-                ours[key].pop("channels_last"), base[key].pop("channels_last")
+                ours[key].pop("channels_last")
+                base[key].pop("channels_last")
             assert ours[key] == base[key], (name, key)
         if track == "synthetic_mnv2":
             m = ours["model"]

@@ -251,15 +251,15 @@ def test_mit_run_through_test_and_export_commands(tiny_synth, tmp_path):
     assert (tmp_path / "mit.pt").is_file()
 
 
+MOBILENETV2 = {"model.backbone": "mobilenetv2", "model.decode_head": "aspp", "model.aux": "true"}
 BACKBONES = {
     "mit": {"model.backbone": "mit_b0", "model.embed_dims": "[8, 16, 40, 64]", "model.head_channels": 16,
             "model.aux": "false"},
     "vit": {"model.backbone": "dinov2_vits14", "model.embed_dims": "[16]", "model.vit_depth": 2,
             "model.vit_heads": 2, "model.decode_head": "linear", "model.aux": "false"},
-    "mobilenetv2": {"model.backbone": "mobilenetv2", "model.decode_head": "aspp", "model.aux": "true"},
+    "mobilenetv2": MOBILENETV2,
     # the pretrained track trains channels-last: every method's reshapes must accept that layout
-    "mobilenetv2_channels_last": {"model.backbone": "mobilenetv2", "model.decode_head": "aspp", "model.aux": "true",
-                                  "train.channels_last": "true"},
+    "mobilenetv2_channels_last": {**MOBILENETV2, "train.channels_last": "true"},
 }
 METHODS = {
     "synthetic/minent": {},
