@@ -87,6 +87,16 @@ def test_seed_group_mean_and_std_by_hand(runs_root, tmp_path):
     assert len(group) == 1 and group[0].seeds == [0, 1]
     assert (group[0].confusion() == [[16, 4, 0], [2, 6, 0], [0, 0, 10]]).all()
 
+    # a seed still training (no results.json) is counted in the group but not in its scores
+    shutil.copytree(runs / "seed1", runs / "seed2")
+    (runs / "seed2" / "results.json").unlink()
+    cfg_file = runs / "seed2" / "config.yaml"
+    cfg_file.write_text(cfg_file.read_text().replace("seed: 1", "seed: 2"))
+    group = group_runs([load_run(runs / f"seed{s}") for s in (0, 1, 2)])
+    assert group[0].seeds == [0, 1, 2]
+    assert group[0].label == "synthetic_source_only (2/3 seeds evaluated)"
+    assert group[0].metric("mIoU").n == 2
+
 
 def test_mean_std_and_grouping_rules(runs_root):
     s = mean_std([0.4, 0.5, float("nan"), None])

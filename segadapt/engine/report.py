@@ -195,7 +195,10 @@ class RunGroup:
     def label(self) -> str:
         if len(self.runs) == 1:
             return self.runs[0].label
-        return f"{self.name} ({len(self.runs)} seeds)"
+        # columns of per-class scores average only the evaluated seeds: say how many those are
+        done = len(self.results)
+        return f"{self.name} ({done}/{len(self.runs)} seeds evaluated)" if done < len(self.runs) \
+            else f"{self.name} ({done} seeds)"
 
     @property
     def results(self) -> list[EvalResult]:
