@@ -196,9 +196,14 @@ class RunGroup:
         if len(self.runs) == 1:
             return self.runs[0].label
         # columns of per-class scores average only the evaluated seeds: say how many those are
+        partial = len(self.results) < len(self.runs)
+        return f"{self.name} ({self.evaluated} seeds{' evaluated' if partial else ''})"
+
+    @property
+    def evaluated(self) -> str:
+        """How many runs have results: "3", or "2/3" while one is still training."""
         done = len(self.results)
-        return f"{self.name} ({done}/{len(self.runs)} seeds evaluated)" if done < len(self.runs) \
-            else f"{self.name} ({done} seeds)"
+        return str(done) if done == len(self.runs) else f"{done}/{len(self.runs)}"
 
     @property
     def results(self) -> list[EvalResult]:
@@ -441,8 +446,7 @@ def results_table(groups: Sequence[RunGroup]) -> tuple[list[str], list[list[str]
     rows = []
     for g in groups:
         iters = sorted({r.iterations for r in g.runs if r.iterations is not None})
-        counted = str(len(g.results)) + (f"/{len(g.runs)}" if len(g.results) < len(g.runs) else "")
-        rows.append([g.name, g.method, counted,
+        rows.append([g.name, g.method, g.evaluated,
                      ", ".join("?" if s is None else str(s) for s in g.seeds),
                      ", ".join(map(str, iters)) or "?", g.metric("mIoU").pct(),
                      *(g.metric(k).pct() for k in subsets), g.metric("pixel_acc").pct()])
