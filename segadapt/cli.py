@@ -242,8 +242,10 @@ def _main(argv, distributed: list) -> int:
         if not hasattr(args, "overrides"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    from .engine.host_memory import tune_malloc
     from .errors import SegadaptError
 
+    tune_malloc()  # before the first tensor: freed tensors stay reusable (see engine/host_memory.py)
     handlers = {"train": cmd_train, "test": cmd_test, "synth": cmd_synth, "configs": cmd_configs}
     finished = False
     try:

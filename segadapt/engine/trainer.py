@@ -37,6 +37,7 @@ from ..models.segmenter import build_segmenter
 from . import distributed as dist_utils
 from .checkpoint import FORMAT, VERSION, atomic_save, first_non_finite, load_checkpoint, rng_state, set_rng_state
 from .evaluator import evaluate, inference_options, subsets_for
+from .host_memory import tune_malloc
 from .logging import RunLogger
 from .run_folder import prepare_run_folder
 from ..data.io import write_text_atomic
@@ -163,6 +164,7 @@ class Trainer:
     def _setup(self, resume: Optional[str]) -> None:
         cfg = self.cfg
         tc = cfg.train
+        tune_malloc()  # once per process; the CLI did it already
         if tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(tc.seed + self.rank)
