@@ -379,3 +379,23 @@ def test_augmentation_deterministic_per_seed(tmp_path):
     assert item["image"].shape == (3, 4, 6) and item["label"].shape == (8, 12)
     with pytest.raises(ConfigError):
         build_dataset(cfg("gta5", root, crop=[2, 2], keep_label_size=True))
+
+
+def test_decoded_cache_reads_each_file_once_and_changes_no_sample(tmp_path, monkeypatch):
+    root = tmp_path / "gta"
+    lab = np.tile(np.array([7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24], np.uint8), (8, 1))
+    for k in range(3):
+        save(root / f"images/{k:05d}.png", rgb(8, 12, k))
+        save(root / f"labels/{k:05d}.png", np.roll(lab, k, axis=1))
+    plain = build_dataset(cfg("gta5", root, crop=[5, 4], flip=True, resize=[10, 6], cat_max_ratio=0.75))
+    cached = build_dataset(cfg("gta5", root, crop=[5, 4], flip=True, resize=[10, 6], cat_max_ratio=0.75, cache=True))
+    reads = []
+    real_read = io.read_image
+    monkeypatch.setattr(io, "read_image", lambda p: reads.append(p) or real_read(p))
+    keys = [(k % 3, seed) for seed in range(4) for k in range(3)] + [1, (2, 7, 1, 2)]
+    for key in keys:
+        a, b = plain[key], cached[key]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"]), key
+    assert len(reads) == len(keys) + 3  # the plain dataset reads every time, the cached one once per sample
+    image, label = cached._cache[0]
+    assert not image.flags.writeable and not label.flags.writeable  # a transform writing into it would raise

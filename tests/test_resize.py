@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from segadapt.methods.base import cross_entropy, upsample
+from segadapt.methods.self_training import weighted_cross_entropy
 from segadapt.models.resize import interpolation_matrix, resize_bilinear
 
 
@@ -62,3 +63,14 @@ def test_training_cross_entropy_matches_interpolate_path():
         torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(b.grad, a.grad, atol=1e-7, rtol=1e-4)
     assert upsample(logits, (9, 17)).data_ptr() == logits.data_ptr()  # same size: no copy
+
+
+def test_weighted_cross_entropy_is_daformers_pixel_mean():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 19, 5, 9, generator=g).requires_grad_()
+    labels = torch.randint(0, 19, (2, 20, 36), generator=g)
+    labels[:, :3] = 255
+    weights = torch.rand(2, 20, 36, generator=g)
+    ref = (F.cross_entropy(F.interpolate(logits, size=(20, 36), mode="bilinear", align_corners=False), labels,
+                           ignore_index=255, reduction="none") * weights).mean()
+    torch.testing.assert_close(weighted_cross_entropy(logits, labels, weights), ref, atol=1e-6, rtol=1e-6)

@@ -171,6 +171,8 @@ class SegDataset(torch.utils.data.Dataset):
         if self.with_labels and self.size_mismatch == "skip":
             self._drop_mismatched()
         self._warned: set = set()
+        self.cache = bool(getattr(cfg, "cache", False))
+        self._cache: dict = {}
 
     # ------------------------------------------------------------------ layout hooks
 
@@ -365,16 +367,7 @@ class SegDataset(torch.utils.data.Dataset):
             index, rng = key, None
         i = self._index(index)
         image_path, label_path = self.samples[i]
-        image = _io.read_image(image_path)
-        label = None
-        if self.with_labels and label_path is not None:
-            label = self.load_label_train_ids(i)
-            label = self._fit_label(label, image.shape[:2], label_path, image_path)
-        if self.resize is not None:
-            size = keep_ratio_size(image.shape[1::-1], self.resize) if self.resize_keep_ratio else self.resize
-            image = resize_image(image, size, self.resize_interpolation)
-            if label is not None and not self.keep_label_size:
-                label = resize_label(label, size)
+        image, label = self._cache.get(i) or self._decode(i)
         if rng is not None:
             if self.crop is not None and crop_class is not None:
                 image, label = self._class_crop(image, label, rng, crop_class, crop_min_pixels, crop_attempts)
@@ -387,6 +380,27 @@ class SegDataset(torch.utils.data.Dataset):
         if label is not None:
             item["label"] = label_to_tensor(label)
         return item
+
+    def _decode(self, i: int):
+        """Sample ``i``'s image (and train-id label) as read and resized, before augmentation;
+        kept read-only in ``self._cache`` when the dataset option ``cache`` is on."""
+        image_path, label_path = self.samples[i]
+        image = _io.read_image(image_path)
+        label = None
+        if self.with_labels and label_path is not None:
+            label = self.load_label_train_ids(i)
+            label = self._fit_label(label, image.shape[:2], label_path, image_path)
+        if self.resize is not None:
+            size = keep_ratio_size(image.shape[1::-1], self.resize) if self.resize_keep_ratio else self.resize
+            image = resize_image(image, size, self.resize_interpolation)
+            if label is not None and not self.keep_label_size:
+                label = resize_label(label, size)
+        if self.cache:
+            for a in (image, label):
+                if a is not None:
+                    a.setflags(write=False)  # shared by every later draw of this sample
+            self._cache[i] = (image, label)
+        return image, label
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, samples={len(self)}, labels={self.with_labels})"

@@ -150,12 +150,12 @@ def refuse_output_over_inputs(outputs, inputs, option: str = "--out", *, shown_a
 
 # --------------------------------------------------------------------------- resume
 # Keys a resumed run may change: they do not alter its trajectory (logging, checkpoint and
-# evaluation cadence, workers, where the data and the run folder now live) or, for train.iters,
+# evaluation cadence, workers, decoded-image caches, where the data and the run folder now live) or, for train.iters,
 # extend it. Any other override that differs from the checkpoint's config is refused.
 RESUME_MAY_CHANGE = (
     "train.iters", "train.log_every", "train.eval_every", "train.ckpt_every", "train.num_workers",
     "train.tensorboard", "train.device", "out_dir", "source.root", "target.root", "eval.data.root",
-    "synthetic.out", "synthetic.workers", "eval.batch_size",
+    "synthetic.out", "synthetic.workers", "eval.batch_size", "source.cache", "target.cache", "eval.data.cache",
 )
 
 
