@@ -5,14 +5,15 @@
 
 Phases, in ms per iteration (wall clock, CPU; on CUDA add a sync per phase):
   data wait   next() on the data streams (decoding and augmentation run in the
-              DataLoader workers, in parallel with the step, when num_workers > 0)
+              DataLoader workers, in parallel with the step, when num_workers > 0;
+              the synthetic benchmark caches decoded images and uses none)
   to device   moving the batch
   forward     the method's forward passes and losses (step time minus the rest)
   backward    every backward (staged or not)
   optimizer   unscale, clip and the optimizer steps
   after step  the method's hook (EMA teacher, memory banks)
-Then, separately: one item's decode + augmentation in this process (what the workers
-pay per image), and one evaluation on the target val split (the main job runs 3).
+Then, separately: one item's read + decode and its augmentation in this process, and one
+evaluation on the target val split (the main job runs 3).
 """
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ def profile(config: str, steps: int, warmup: int, overrides: list[str], first: i
         timer.wrap(t, "_backward", "backward")
         timer.wrap(t, "_step", "optimizer")
         timer.wrap(t.method, "after_step", "after step")
+        for stream in t.streams.values():  # steady state: a whole run decodes each cached image once
+            ds = getattr(stream.dataset, "dataset", stream.dataset)  # through a Subset
+            if getattr(ds, "cache", False):
+                for j in range(len(ds)):
+                    ds._decode(j)
         t.method.train()
         data = to_dev = step = 0.0
         for i in range(warmup + steps):
@@ -77,12 +83,17 @@ def profile(config: str, steps: int, warmup: int, overrides: list[str], first: i
                 *[(k, timer.total.get(k, 0.0)) for k in ("backward", "optimizer", "after step")]]
         rows = [(k, 1000 * v / steps) for k, v in rows]
         ds = t.source_ds
-        times = []
+        decode, augment = [], []
         for j in range(min(20, len(ds))):
             t0 = time.perf_counter()
+            ds._decode(j)  # read, decode, map labels (fills the cache where it is on)
+            t1 = time.perf_counter()
             ds[(j, j)]
-            times.append(time.perf_counter() - t0)
-        rows.append(("(one source item: decode + augment, in a worker)", 1000 * statistics.median(times)))
+            decode.append(t1 - t0)
+            augment.append(time.perf_counter() - t1)
+        rows.append(("(one source item: read and decode)", 1000 * statistics.median(decode)))
+        what = "from the cache" if ds.cache else "read and decode again"
+        rows.append((f"(one source item: augment, {what})", 1000 * statistics.median(augment)))
         t0 = time.perf_counter()
         t.evaluate(first + steps + warmup)
         rows.append(("(one evaluation of the val split)", 1000 * (time.perf_counter() - t0)))
