@@ -112,7 +112,7 @@ class ClassifierModule(nn.Module):
         if not torch.jit.is_scripting():
             # training only, where backward makes the padding costly; evaluation and traced or
             # exported graphs (which must serve every input size) use every tap
-            if self.training and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
+            if self.training and not (torch.jit.is_tracing() or _exporting()):
                 return self._forward_skipping_padding_taps(x)
         out = self.conv2d_list[0](x)
         for i, conv in enumerate(self.conv2d_list):
@@ -126,6 +126,11 @@ class ClassifierModule(nn.Module):
         for conv in self.conv2d_list[1:]:
             out = out + _dilated_branch(conv, x)
         return out
+
+
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.4
+    return bool(is_exporting()) if is_exporting is not None else False
 
 
 def _dilated_branch(conv: nn.Conv2d, x: Tensor) -> Tensor:
