@@ -4,8 +4,8 @@ glibc serves allocations above its mmap threshold (128 KiB at start, rising to a
 32 MiB) with fresh ``mmap`` pages and returns them to the kernel on free. A training step
 allocates and frees the same few-MiB tensors every iteration (full-resolution logits, their
 log-softmax, gradients), so every step pays the kernel to zero those pages again on first
-touch: on the synthetic benchmark that was 17-20% of a CPU step (121.6 -> 97.1 ms fp32,
-73.2 -> 60.7 ms bf16 + channels-last; peak RSS unchanged). Raising the mmap and trim
+touch: on the synthetic benchmark that was about a sixth of a CPU step (113.6 -> 95.5 ms
+fp32, 73.8 -> 61.3 ms bf16 + channels-last, docs/methods.md; peak RSS unchanged). Raising the mmap and trim
 thresholds lets the heap reuse those blocks, as jemalloc or tcmalloc would, without an
 extra library. ``SEGADAPT_MALLOC_TUNING=0`` leaves malloc alone; the ``MALLOC_*_`` environment
 variables of glibc still take effect when set.
