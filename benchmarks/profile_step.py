@@ -60,7 +60,7 @@ def profile(config: str, steps: int, warmup: int, overrides: list[str], first: i
         timer.wrap(t, "_step", "optimizer")
         timer.wrap(t.method, "after_step", "after step")
         for stream in t.streams.values():  # steady state: a whole run decodes each cached image once
-            ds = getattr(stream.dataset, "dataset", stream.dataset)  # through a Subset
+            ds = stream.dataset
             if getattr(ds, "cache", False):
                 for j in range(len(ds)):
                     ds._decode(j)
