@@ -68,7 +68,7 @@ class Variant:
         import torch
 
         from segadapt.config import load_config
-        from segadapt.engine.distributed import resolve_device
+        from segadapt.utils.distributed import resolve_device
         from segadapt.methods import build_method
         from segadapt.models.segmenter import build_segmenter
 

@@ -104,7 +104,7 @@ def cmd_train(args) -> int:
         cfg, resume = resume_config(args.resume, overrides, args.config, DEFAULT_CONFIG)
     else:
         cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
-    from .data.io import ensure_writable
+    from .utils.files import ensure_writable
 
     for name in ("last.pth", "final.pth"):  # a run that could not save its checkpoints fails now, not hours later
         ensure_writable(Path(cfg.out_dir) / name)
@@ -117,10 +117,10 @@ def cmd_train(args) -> int:
 
 def cmd_test(args) -> int:
     from .data.datasets import build_dataset, restyled_eval_note
-    from .engine import distributed as dist_utils
+    from .utils import distributed as dist_utils
     from .engine.evaluator import evaluate
     from .engine.trainer import build_eval_loader, ensure_data, eval_kwargs
-    from .data.io import ensure_writable
+    from .utils.files import ensure_writable
     from .errors import CheckpointError, write_error
     from .engine.predictor import load_segmenter
 
@@ -172,7 +172,7 @@ def cmd_synth(args) -> int:
     if args.size is not None:
         kwargs["size"] = tuple(args.size)
     if not Path(args.out).is_dir():
-        from .data.io import ensure_writable
+        from .utils.files import ensure_writable
 
         ensure_writable(args.out)  # named as given, not as the temporary folder the files go to first
     out = generate(Path(args.out), SynthParams(**kwargs))
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     distributed = [False]
     code = _main(argv, distributed)
     if distributed[0]:  # a torchrun rank: leave before the interpreter's teardown
-        from .engine.distributed import exit_now
+        from .utils.distributed import exit_now
 
         exit_now(code)
     return code
@@ -271,7 +271,7 @@ def _main(argv, distributed: list) -> int:
         print(f"segadapt {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
         return 2
     finally:
-        from .engine.distributed import cleanup
+        from .utils.distributed import cleanup
 
         # a failed rank must not wait at the exit barrier for peers that may never come
         distributed[0] = cleanup(wait_for_peers=finished)

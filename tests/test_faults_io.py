@@ -134,7 +134,7 @@ def test_full_disk_at_the_results_names_the_files(tiny_run, tmp_path, monkeypatc
 
 
 def test_full_disk_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
-    from segadapt.engine.checkpoint import atomic_save
+    from segadapt.utils.checkpoint import atomic_save
     from segadapt.errors import OutputError
 
     path = tmp_path / "last.pth"

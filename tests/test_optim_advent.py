@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from segadapt.config import OptimConfig, load_config
-from segadapt.engine.optim import RepeatedSGD, build_optimizer
+from segadapt.optim import RepeatedSGD, build_optimizer
 from segadapt.errors import ConfigError
 from segadapt.methods import build_method
 from segadapt.methods.source_only import SourceOnly

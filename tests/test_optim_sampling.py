@@ -5,7 +5,7 @@ import torch
 
 from segadapt.config import OptimConfig
 from segadapt.data.sampling import StreamSampler
-from segadapt.engine.optim import build_optimizer, poly_warmup_factor
+from segadapt.optim import build_optimizer, poly_warmup_factor
 
 
 def test_poly_and_warmup_values():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from segadapt.config import OptimConfig, load_config
-from segadapt.engine.optim import build_optimizer, layer_decay_groups
+from segadapt.optim import build_optimizer, layer_decay_groups
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import CheckpointError, ConfigError
 from segadapt.methods.feature_distance import FrozenBackbone

@@ -65,8 +65,8 @@ def _dataset(kind: str, root: str, split: str, cfg, what: str):
 
 
 def run(args) -> int:
-    from segadapt.data.io import ensure_writable
-    from segadapt.engine.distributed import resolve_device
+    from segadapt.utils.files import ensure_writable
+    from segadapt.utils.distributed import resolve_device
     from segadapt.errors import ConfigError
     from segadapt.models.adain import AdaINStylizer, AdaINTrainConfig, train_decoder
 

@@ -30,7 +30,7 @@ def run(args) -> int:
     import errno
     import os
 
-    from ..data.io import ensure_writable
+    from ..utils.files import ensure_writable
     from ..engine.export import export_segmenter, require_onnx
     from ..engine.predictor import load_segmenter, resolve_checkpoint
     from ..engine.run_folder import refuse_output_over_inputs

@@ -43,7 +43,7 @@ def run(args) -> int:
     from ..engine.predictor import (OUTPUT_SUFFIXES, Predictor, collect_images, infer_kwargs_from, load_segmenter,
                                     resolve_checkpoint, resolve_device)
     from ..engine.run_folder import refuse_output_over_inputs
-    from ..data.io import ensure_writable
+    from ..utils.files import ensure_writable
     from ..errors import ConfigError, DatasetError
 
     if not 0.0 <= args.alpha <= 1.0:

@@ -251,7 +251,7 @@ def report(res: ScanResult) -> str:
 
 
 def run(args) -> int:
-    from ..data.io import ensure_writable
+    from ..utils.files import ensure_writable
     from ..data.rcs import STATS_FILE, read_class_stats, write_class_stats
     from ..engine.run_folder import refuse_output_over_inputs
     from ..errors import ConfigError, DatasetError, write_error

@@ -25,7 +25,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..data.io import ensure_writable
+    from ..utils.files import ensure_writable
     from ..engine.predictor import resolve_device
     from ..engine.report import build_report, find_runs, load_run, require_matplotlib
     from ..engine.run_folder import refuse_output_over_inputs

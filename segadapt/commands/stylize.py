@@ -73,7 +73,7 @@ def is_eval_split(kind: str, split: str, root: Path) -> bool:
 def _write_image(path: Path, array) -> None:
     from PIL import Image
 
-    from segadapt.data.io import atomic_write
+    from segadapt.utils.files import atomic_write
 
     ext = path.suffix.lower()
     im = Image.fromarray(array)
@@ -88,7 +88,7 @@ def _write_image(path: Path, array) -> None:
 
 
 def _copy(src: Path, dst: Path) -> None:
-    from segadapt.data.io import atomic_write
+    from segadapt.utils.files import atomic_write
 
     with open(src, "rb") as fin, atomic_write(dst) as fout:
         shutil.copyfileobj(fin, fout)
@@ -203,7 +203,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from segadapt.data.datasets import RESTYLED_EVAL_MARKER
-    from segadapt.data.io import ensure_writable, write_text_atomic
+    from segadapt.utils.files import ensure_writable, write_text_atomic
     from segadapt.errors import ConfigError
     from segadapt.models.adain import AdaINStylizer
     from segadapt.models.cut import generator_from_file
@@ -236,7 +236,7 @@ def run(args) -> int:
     if out.exists() and any(out.iterdir()) and not settings_path.is_file():
         raise ConfigError(f"--out {out} is a non-empty folder that is not a stylize output")
 
-    from segadapt.engine.distributed import resolve_device
+    from segadapt.utils.distributed import resolve_device
 
     device = resolve_device(args.device)
     ds, with_labels = _build_dataset(args, root)
@@ -313,7 +313,7 @@ def run(args) -> int:
 
 def _record(out: Path, run_info: dict) -> None:
     """stylize.json: one entry per restyled split (runs into the same --out accumulate)."""
-    from segadapt.data.io import write_text_atomic
+    from segadapt.utils.files import write_text_atomic
 
     path = out / SETTINGS_FILE
     data = {"runs": {}}

@@ -1,0 +1,1 @@
+"""Datasets: readers of the on-disk layouts, transforms, sampling and the synthetic benchmark."""

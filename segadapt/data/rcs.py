@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..errors import ConfigError, DatasetError, OutputError
-from .io import ensure_writable, write_text_atomic
+from ..utils.files import ensure_writable, write_text_atomic
 from .labels import IGNORE_INDEX, NUM_CLASSES
 from .sampling import _draw_seed
 

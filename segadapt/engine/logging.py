@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from ..data.io import atomic_write
+from ..utils.files import atomic_write
 from ..data.labels import PALETTE
 
 

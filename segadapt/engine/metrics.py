@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data.io import write_text_atomic
+from ..utils.files import write_text_atomic
 
 IGNORE_INDEX = 255
 

@@ -32,7 +32,7 @@ from ..data.io import image_size, read_image, write_png
 from ..data.labels import colorize
 from ..data.transforms import resize_image, to_tensor
 from ..errors import CheckpointError, ConfigError, DatasetError
-from .distributed import resolve_device  # noqa: F401 - part of this module's API
+from ..utils.distributed import resolve_device  # noqa: F401 - part of this module's API
 from .inference import strip_scores, view_logits
 from .evaluator import inference_options
 

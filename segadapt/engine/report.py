@@ -27,7 +27,7 @@ import yaml
 
 from ..errors import ConfigError, SegadaptError
 from .metrics import EvalResult
-from ..data.io import write_text_atomic
+from ..utils.files import write_text_atomic
 
 __all__ = ["Run", "RunGroup", "Stat", "mean_std", "find_runs", "load_run", "group_runs", "build_report",
            "require_matplotlib"]

@@ -34,13 +34,14 @@ from ..errors import CheckpointError, ConfigError, TrainingError
 from ..methods import build_method
 from ..models.checkpoints import load_pretrained
 from ..models.segmenter import build_segmenter
-from . import distributed as dist_utils
-from .checkpoint import FORMAT, VERSION, atomic_save, first_non_finite, load_checkpoint, rng_state, set_rng_state
+from ..utils import distributed as dist_utils
+from ..utils.checkpoint import atomic_save, first_non_finite, rng_state, set_rng_state
+from .checkpoint import FORMAT, VERSION, load_checkpoint
 from .evaluator import evaluate, inference_options, subsets_for
 from .host_memory import tune_malloc
 from .logging import RunLogger
 from .run_folder import prepare_run_folder
-from ..data.io import write_text_atomic
+from ..utils.files import write_text_atomic
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.optim import ScheduledOptimizer
+from ..optim import ScheduledOptimizer
 from ..errors import ConfigError
 from ..models.checkpoints import describe_mismatch, read_checkpoint
 from ..models.discriminator import FCDiscriminator

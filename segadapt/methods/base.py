@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..engine.optim import ScheduledOptimizer, advent_repeated_backbone, build_optimizer, layer_decay_groups
+from ..optim import ScheduledOptimizer, advent_repeated_backbone, build_optimizer, layer_decay_groups
 from ..models.resize import resize_bilinear
 
 IGNORE_INDEX = 255

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from ..data.labels import CLASS_NAMES
-from ..engine import distributed as dist_utils
+from ..utils import distributed as dist_utils
 from ..errors import ConfigError
 from ..models.heads import HEAD_KINDS, ProjectionHead
 from . import register_method

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..engine.optim import ScheduledOptimizer, poly_warmup_factor
+from ..optim import ScheduledOptimizer, poly_warmup_factor
 from ..errors import ConfigError, TrainingError
 from ..models.cut import CUT_FILES, ResnetGenerator, from_cut_range, load_cut_weights, to_cut_range
 from . import register_method

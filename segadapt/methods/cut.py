@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ..engine.optim import ScheduledOptimizer
+from ..optim import ScheduledOptimizer
 from ..errors import ConfigError
 from ..models.cut import CUTModel, ResnetGenerator, to_cut_range
 from . import register_method

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.labels import THING_CLASSES
-from ..engine import distributed as dist_utils
+from ..utils import distributed as dist_utils
 from ..errors import ConfigError, TrainingError
 from . import register_method
 from .augment import (APPLY_PER, block_mask, choose_mix_classes, class_mix_mask, color_jitter, mask_image, mix,

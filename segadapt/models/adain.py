@@ -663,7 +663,7 @@ def save_decoder(stylizer: AdaINStylizer, path: Union[str, os.PathLike], extra: 
     the reference code); refused for a random encoder, which could then never
     be matched again.
     """
-    from segadapt.engine.checkpoint import atomic_save, first_non_finite
+    from segadapt.utils.checkpoint import atomic_save, first_non_finite
 
     sd = {k: v.detach().cpu().clone() for k, v in stylizer.decoder.state_dict().items()}
     bad = first_non_finite(sd.items())

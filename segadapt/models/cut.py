@@ -333,7 +333,7 @@ class CUTModel(nn.Module):
 def save_cut_weights(out_dir, G: Optional[nn.Module] = None, D: Optional[nn.Module] = None,
                      F: Optional[nn.Module] = None) -> dict:
     """Write ``latest_net_G/D/F.pth`` (plain CPU state dicts, as CUT saves them) atomically."""
-    from ..engine.checkpoint import atomic_save
+    from ..utils.checkpoint import atomic_save
 
     written = {}
     for part, net in (("G", G), ("D", D), ("F", F)):

@@ -11,8 +11,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..config import OptimConfig
-from ..errors import ConfigError
+from .config import OptimConfig
+from .errors import ConfigError
 
 
 def poly_warmup_factor(it: int, total: int, power: float, warmup_iters: int = 0, warmup_ratio: float = 1e-6) -> float:
