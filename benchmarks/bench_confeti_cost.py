@@ -57,20 +57,19 @@ def run_variant(spec: dict) -> dict:
     overrides = [*spec["overrides"], f"out_dir={out}", "train.num_workers=0", "train.eval_every=0", "method.rcs=false",
                  f"train.device={spec['device']}"]
     cfg = load_config(spec["config"], overrides)
-    if cfg.method["name"] == "confeti":
-        if cfg.method.get("stage") == 2:  # a G file of the configured width stands in for stage 1's
+    if cfg.method.name == "confeti":
+        if cfg.method.stage == 2:  # a G file of the configured width stands in for stage 1's
             from segadapt.models.cut import ResnetGenerator, save_cut_weights
 
-            cut = cfg.method.get("cut", {})
-            save_cut_weights(out, G=ResnetGenerator(cut.get("ngf", 64), cut.get("n_blocks", 9)))
-            cfg.method["stylizer"] = out
+            save_cut_weights(out, G=ResnetGenerator(cfg.method.cut.ngf, cfg.method.cut.n_blocks))
+            cfg.method.cut.init = out
         else:
-            cfg.method["stylizer"] = None
+            cfg.method.cut.init = None
     _patch_random_data(cfg)
     t = trainer_mod.Trainer(cfg, progress=False)
     m = cfg.method
-    start = 1 + max(int(m.get(k, 0) or 0) for k in ("contrast_start", "cross_domain_start", "cam_mix_start",
-                                                     "consistency_start"))
+    start = 1 + max(int(getattr(m, k, 0) or 0) for k in ("contrast_start", "cross_domain_start", "cam_mix_start",
+                                                          "consistency_start"))
     if t.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(t.device)
     times = time_steps(t, range(start, start + spec["warmup"] + spec["steps"]), spec["warmup"])

@@ -69,7 +69,7 @@ def main(argv=None):
         mem = f"{torch.cuda.max_memory_allocated(t.device) / 2**20:.0f} MiB (CUDA max allocated)"
     else:
         mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process peak RSS)"
-    print(f"{args.config} [{cfg.method['name']}] on {t.device}, threads={torch.get_num_threads()}, "
+    print(f"{args.config} [{cfg.method.name}] on {t.device}, threads={torch.get_num_threads()}, "
           f"amp={cfg.train.amp}: {statistics.median(times) * 1000:.1f} ms/step "
           f"(median of {len(times)}), peak memory {mem}")
 

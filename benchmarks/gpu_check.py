@@ -92,7 +92,7 @@ def _overrides(name: str, args, workdir: Path) -> tuple[list[str], list[str]]:
     """Config overrides for the check and the notes that say what they change."""
     plain = load_config(f"{BENCHMARK}/{name}")
     m = plain.method
-    method = m["name"]
+    method = m.name
     over = [f"out_dir={workdir / 'run'}", "train.num_workers=0", "train.eval_every=0",
             f"train.device={args.device}"]
     notes = []
@@ -103,7 +103,7 @@ def _overrides(name: str, args, workdir: Path) -> tuple[list[str], list[str]]:
         over += ["method.contrast.init_source_batches=1", "method.contrast.init_target_batches=1"]
         notes.append("bank init 1+1 batches")
     if method == "confeti":
-        over.append(f"method.stylizer={workdir / 'stylizer'}")
+        over.append(f"method.cut.init={workdir / 'stylizer'}")
         notes.append("random CUT G")
     if plain.train.amp != "none":
         notes.append(f"config's amp: {plain.train.amp}")
@@ -119,10 +119,10 @@ def _overrides(name: str, args, workdir: Path) -> tuple[list[str], list[str]]:
         small_cut = ["ngf=8", "ndf=16", "num_patches=32", "nce_dim=32"]
         if method == "confeti":
             over += [f"method.cut.{kv}" for kv in small_cut] + ["method.proj_dim=32"]
-            if m.get("proj_hidden"):
+            if m.proj_hidden:
                 over.append("method.proj_hidden=32")
         elif method == "cut":
-            over += [f"method.{kv}" for kv in small_cut]
+            over += [f"method.cut.{kv}" for kv in small_cut]
         elif method == "advent":
             over.append("method.disc_width=16")
     return over, notes
@@ -133,8 +133,7 @@ def _write_stylizer(cfg, folder: Path) -> None:
     from segadapt.models.cut import ResnetGenerator, save_cut_weights
 
     folder.mkdir(parents=True, exist_ok=True)
-    cut = cfg.method.get("cut", {})
-    save_cut_weights(folder, G=ResnetGenerator(cut.get("ngf", 64), cut.get("n_blocks", 9)))
+    save_cut_weights(folder, G=ResnetGenerator(cfg.method.cut.ngf, cfg.method.cut.n_blocks))
 
 
 def build_trainer(name: str, mode_overrides: list[str], args, workdir: Path):
@@ -143,7 +142,7 @@ def build_trainer(name: str, mode_overrides: list[str], args, workdir: Path):
     if args.size:
         for dcfg in (cfg.source, cfg.target):
             dcfg.crop = list(args.size)
-    if cfg.method["name"] == "confeti" and not (workdir / "stylizer").is_dir():
+    if cfg.method.name == "confeti" and not (workdir / "stylizer").is_dir():
         torch.manual_seed(args.seed)
         _write_stylizer(cfg, workdir / "stylizer")
     shutil.rmtree(workdir / "run", ignore_errors=True)

@@ -39,11 +39,7 @@ def loss_gradient_norms(method, batch: dict, it: int) -> dict[str, dict[str, flo
     """{loss name: {group: gradient L2 norm, 'value': loss}} for one batch."""
     groups = parameter_groups(method)
     flat = [p for ps in groups.values() for p in ps]
-    runner, method.stage_runner = method.stage_runner, None  # every loss keeps its graph
-    try:
-        out = method(batch, it)
-    finally:
-        method.stage_runner = runner
+    out = method(batch, it)  # without the trainer's step context every loss keeps its graph
     losses = {k: v for k, v in out.items() if k.startswith("loss") and v.requires_grad}
     result = {}
     for name, loss in losses.items():

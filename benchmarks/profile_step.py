@@ -1,7 +1,7 @@
 """Where a training iteration's time goes, through the real trainer on the real (synthetic) data.
 
     python benchmarks/profile_step.py -c synthetic/source_only --threads 2 --steps 40
-    python benchmarks/profile_step.py -c synthetic/confeti_stage1 --first-iteration 301 method.stylizer=null
+    python benchmarks/profile_step.py -c synthetic/confeti_stage1 --first-iteration 301 method.cut.init=null
 
 Phases, in ms per iteration (wall clock, CPU; on CUDA add a sync per phase):
   data wait   next() on the data streams (decoding and augmentation run in the

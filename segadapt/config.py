@@ -13,11 +13,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import yaml
 
 from .errors import ConfigError
+from .registry import BACKBONES, METHODS
 
 PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -50,8 +51,13 @@ class DatasetConfig:
 
 @dataclass
 class ModelConfig:
-    # deeplabv2: ResNet + ASPP classifiers (ADVENT) | encoder_decoder: MiT / DINOv2 ViT + decode head
-    arch: str = "deeplabv2"
+    """The segmenter. Keys left None take the backbone preset's value when the config loads
+    (`segadapt.models.presets`: normalization, aux, decode head, arch), so a loaded config
+    always holds concrete values and every key is checked before any data is read."""
+
+    # deeplabv2: ResNet + ASPP classifiers (ADVENT) | encoder_decoder: MiT / DINOv2 ViT + decode
+    # head; None = the backbone's
+    arch: Optional[str] = None
     # deeplabv2: resnet18/34/50/101; encoder_decoder: mit_b0..mit_b5, dinov2_vits14/vitb14/vitl14,
     # mobilenetv2 (with decode_head aspp: DeepLabV2's classifier, aux on the previous level)
     backbone: str = "resnet101"
@@ -65,16 +71,18 @@ class ModelConfig:
     # 1x1 conv; torchvision-style ImageNet weights stride in the 3x3 conv (same shapes)
     stride_in_1x1: Optional[bool] = None
     num_classes: int = 19
-    aux: bool = True  # layer5 on layer3
+    aux: Optional[bool] = None  # DeepLabV2's layer5 on layer3; None = the preset's (ResNet, MobileNetV2: on)
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])  # layer5/layer6 branches
     aux_weight: float = 0.1
-    normalization: str = "advent_bgr"  # advent_bgr | imagenet_rgb
+    # advent_bgr | imagenet_rgb; None = the preset's (Caffe ResNet: advent_bgr, all others imagenet_rgb)
+    normalization: Optional[str] = None
     # ADVENT keeps BN affine frozen but uses batch statistics ("train"); "eval"
     # freezes running statistics too, better for batch size 1.
     bn_mode: str = "train"
     pretrained: Optional[str] = None
     # encoder_decoder only -------------------------------------------------------------
-    decode_head: str = "daformer"  # daformer (DAFormer's context-aware fusion) | linear | aspp (DeepLabV2)
+    # daformer (DAFormer's context-aware fusion) | linear | aspp (DeepLabV2); None = the preset's
+    decode_head: Optional[str] = None
     head_channels: int = 256  # DAFormer head: embedding and fusion width (both 256 in DAFormer)
     head_dropout: float = 0.1
     fusion_dilations: list[int] = field(default_factory=lambda: [1, 6, 12, 18])  # DAFormer head ASPP
@@ -189,10 +197,26 @@ class SyntheticConfig:
 
 
 @dataclass
+class MethodConfig:
+    """Base of every method's config. The `method:` section is built as the config class of the
+    method it names (registered with `segadapt.registry.METHODS`); methods add their keys and
+    their components' sections by subclassing."""
+
+    REGISTRY: ClassVar = METHODS
+    # old key -> new dotted key (relative to `method.`), for configs stored in older checkpoints
+    RENAMED: ClassVar[dict] = {}
+
+    name: str = "source_only"
+
+    def check(self, cfg: "Config") -> None:
+        """Checks that need other sections (batch sizes, class count); called at config load."""
+
+
+@dataclass
 class Config:
     name: str = "run"
     out_dir: str = "runs/${name}/seed${train.seed}"
-    method: dict = field(default_factory=lambda: {"name": "source_only"})
+    method: MethodConfig = field(default_factory=MethodConfig)
     source: DatasetConfig = field(default_factory=DatasetConfig)
     target: DatasetConfig = field(default_factory=lambda: DatasetConfig(labels=False))
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -261,12 +285,17 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def _as_section(value, other):
+    """`true`/`false` where a mapping meets it is a section's `enabled` switch (`mic: true`)."""
+    return {"enabled": value} if isinstance(value, bool) and isinstance(other, dict) else value
+
+
 def _merge(dst: dict, src: dict, origin: Optional[str], origins: _Origins, prefix: str = "") -> None:
     for k, v in src.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and isinstance(dst.get(k), dict) and k != "_replace_":
-            if v.pop("_replace_", False):
-                dst[k] = {}
+        if k in dst:
+            dst[k], v = _as_section(dst[k], v), _as_section(v, dst[k])
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
             _merge(dst[k], v, origin, origins, key + ".")
         else:
             dst[k] = v
@@ -320,10 +349,15 @@ def parse_overrides(overrides: list[str]) -> dict:
         node = tree
         parts = key.split(".")
         for p in parts[:-1]:
+            if isinstance(node.get(p), bool):  # `mic=true mic.block_size=32`: the switch of that section
+                node[p] = {"enabled": node[p]}
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' conflicts with another override")
-        node[parts[-1]] = value
+        if isinstance(node.get(parts[-1]), dict) and isinstance(value, bool):
+            node[parts[-1]]["enabled"] = value
+        else:
+            node[parts[-1]] = value
     return tree
 
 
@@ -376,10 +410,6 @@ def _interpolate(tree: dict, root: dict, origins: _Origins, prefix: str = "", _c
             tree[k] = resolve(key, v)
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
 def _coerce(value, tp, key: str, origins: _Origins):
     """Check `value` against the annotation `tp`; allow int->float and list->tuple."""
     where = origins.where(key)
@@ -398,8 +428,18 @@ def _coerce(value, tp, key: str, origins: _Origins):
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r} (in {where})")
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, bool) and "enabled" in {f.name for f in dataclasses.fields(tp)}:
+            value = {"enabled": value}  # `mic: true` is short for `mic: {enabled: true}`
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r} (in {where})")
+        registry = getattr(tp, "REGISTRY", None)
+        if registry is not None:  # a section whose class depends on its `name` (the method)
+            tp = registry.get(str(value.get("name")), f"{key}.name").Config
+            # given keys over the class's own defaults (a method's default sections differ from
+            # their dataclasses' defaults, e.g. DAFormer's rcs is on)
+            defaults = dataclasses.asdict(tp())
+            _merge(defaults, value, None, origins)
+            value = defaults
         return build_dataclass(tp, value, origins, key + ".")
     if origin is list:
         if isinstance(value, tuple):
@@ -447,11 +487,61 @@ def build_dataclass(cls, data: dict, origins: Optional[_Origins] = None, prefix:
     names = [f.name for f in dataclasses.fields(cls)]
     for k in data:
         if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{prefix}{k}' in {origins.where(prefix + str(k))}{hint}")
+            raise ConfigError(_unknown_key(cls, str(k), names, prefix, origins, data.get("name")))
     kwargs = {k: _coerce(v, hints[k], prefix + k, origins) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def _unknown_key(cls, k: str, names: list, prefix: str, origins: _Origins, method=None) -> str:
+    """The one line for an unknown key: where it was set, a close name, and for a method section
+    the key's new name (if renamed) or the methods that have it."""
+    where = origins.where(prefix + k)
+    msg = f"unknown config key '{prefix}{k}' in {where}"
+    registry = getattr(cls, "REGISTRY", None)
+    if registry is not None:
+        for entry_name, entry in registry.items():
+            if k in entry.Config.RENAMED:
+                new = entry.Config.RENAMED[k]
+                return f"{msg}: renamed to '{prefix}{new if isinstance(new, str) else new[0]}'"
+        owners = [n for n, entry in registry.items() if k in {f.name for f in dataclasses.fields(entry.Config)}]
+        if owners:
+            return f"{msg}: method {method} has no '{k}'; methods with it: {', '.join(owners)}"
+    close = difflib.get_close_matches(k, names, n=1)
+    return msg + (f" (did you mean '{prefix}{close[0]}'?)" if close else "")
+
+
+def migrate_renamed_keys(method: dict) -> dict:
+    """A `method:` section written by an older version (a checkpoint's config) with its renamed
+    keys moved to their new places (`RENAMED` of the method's config class)."""
+    cls = METHODS.get(str(method.get("name")), "method.name").Config
+    out: dict = {}
+    for k, v in method.items():
+        rule = cls.RENAMED.get(k)
+        if rule is None:
+            out[k] = v if not isinstance(v, dict) else {**out.get(k, {}), **v}
+            continue
+        new_key, value = (rule, v) if isinstance(rule, str) else (rule[0], rule[1](v))
+        node = out
+        *parents, leaf = new_key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict):
+            node.setdefault(leaf, {}).update(value)
+        else:
+            node[leaf] = value
+    return out
+
+
+def _migrate_stored_config(base: dict) -> dict:
+    """A config stored by an older version (in a checkpoint): renamed method keys moved, and the
+    unused decode-head default that older versions recorded for DeepLabV2 models dropped."""
+    base = dict(base)
+    if isinstance(base.get("method"), dict):
+        base["method"] = migrate_renamed_keys(base["method"])
+    model = base.get("model")
+    if isinstance(model, dict) and model.get("arch") == "deeplabv2" and model.get("decode_head") == "daformer":
+        base["model"] = {k: v for k, v in model.items() if k != "decode_head"}
+    return base
 
 
 def load_config(
@@ -459,13 +549,13 @@ def load_config(
 ) -> Config:
     """Load a config (file path or packaged name), apply overrides, validate.
 
-    `base` (a plain dict, e.g. the config stored in a checkpoint) is used
-    instead of a file when given.
+    `base` (a plain dict, e.g. the config stored in a checkpoint, possibly by an older version)
+    is used instead of a file when given.
     """
     origins = _Origins()
     tree = _deep_defaults()
     if base is not None:
-        _merge(tree, base, "checkpoint config", origins)
+        _merge(tree, _migrate_stored_config(base), "checkpoint config", origins)
     if path is not None:
         _merge(tree, _load_tree(resolve_config_path(path), origins), None, origins)
     if overrides:
@@ -473,14 +563,12 @@ def load_config(
     _interpolate(tree, tree, origins)
     cfg = build_dataclass(Config, tree, origins)
     validate(cfg)
-    from .methods import method_config  # the registry lives with the methods
-
-    cfg.method = dataclasses.asdict(method_config(cfg.method, origins))
     return cfg
 
 
 def _deep_defaults() -> dict:
-    return dataclasses.asdict(Config())
+    # the method section's keys come from the method it names, once files and overrides are in
+    return {**dataclasses.asdict(Config()), "method": {"name": MethodConfig.name}}
 
 
 def _choice(value, allowed, key):
@@ -498,8 +586,8 @@ def validate(cfg: Config) -> None:
             v = getattr(ds, sub)
             if v is not None and (len(v) != 2 or min(v) <= 0):
                 raise ConfigError(f"{key}.{sub}: expected [W, H] with positive sizes, got {v}")
-    _choice(cfg.model.normalization, ["advent_bgr", "imagenet_rgb"], "model.normalization")
-    _choice(cfg.model.bn_mode, ["train", "eval"], "model.bn_mode")
+    # fills the preset's values into the unset model keys and checks every model key
+    BACKBONES.get(cfg.model.backbone, "model.backbone").resolve(cfg.model)
     _choice(cfg.optim.name, ["sgd", "adamw"], "optim.name")
     _choice(cfg.train.amp, ["none", "bf16", "fp16"], "train.amp")
     _choice(cfg.eval.mode, ["whole", "slide"], "eval.mode")
@@ -512,8 +600,7 @@ def validate(cfg: Config) -> None:
     _counts(cfg)
     if cfg.optim.lr <= 0:
         raise ConfigError("optim.lr must be positive")
-    if not isinstance(cfg.method, dict) or "name" not in cfg.method:
-        raise ConfigError("method.name is required")
+    cfg.method.check(cfg)
 
 
 def _counts(cfg: Config) -> None:
@@ -523,7 +610,6 @@ def _counts(cfg: Config) -> None:
         ("optim.warmup_iters", cfg.optim.warmup_iters, 0), ("optim.poly_iters", cfg.optim.poly_iters, 1),
         ("optim.weight_decay", cfg.optim.weight_decay, 0), ("optim.momentum", cfg.optim.momentum, 0),
         ("optim.warmup_ratio", cfg.optim.warmup_ratio, 0), ("optim.head_lr_mult", cfg.optim.head_lr_mult, 0),
-        ("model.base_width", cfg.model.base_width, 1), ("model.num_classes", cfg.model.num_classes, 1),
         ("model.aux_weight", cfg.model.aux_weight, 0),
         ("eval.batch_size", cfg.eval.batch_size, 1), ("eval.max_images", cfg.eval.max_images, 1),
         ("synthetic.num_source", cfg.synthetic.num_source, 1),

@@ -104,10 +104,10 @@ def kill_and_resume(monkeypatch, method_cls, cfg, kill_at: int, last_ckpt: int):
 
     original = method_cls.training_step
 
-    def dies(self, batch, it):
+    def dies(self, batch, it, ctx):
         if it == kill_at:
             raise KeyboardInterrupt
-        return original(self, batch, it)
+        return original(self, batch, it, ctx)
 
     monkeypatch.setattr(method_cls, "training_step", dies)
     with pytest.raises(TrainingError, match=f"interrupted; last checkpoint.*iteration {last_ckpt}"):

@@ -80,9 +80,9 @@ VARIANTS = {
                                                          "method.style.num_styles=2", "method.style.size=[64,32]"]),
     "variant/advent_online_style": ("synthetic/advent", ["method.style.mode=online", "method.style.num_styles=2",
                                                          "method.style.size=[64,32]"]),
-    "variant/dacs_confident": ("synthetic/dacs", ["method.pseudo_threshold=0.1"]),
-    "variant/mic_daformer_confident": ("synthetic/mic_daformer", ["method.pseudo_threshold=0.1"]),
-    "variant/confeti_single_confident": ("gta5_cityscapes/confeti_single", ["method.pseudo_threshold=0.1"]),
+    "variant/dacs_confident": ("synthetic/dacs", ["method.teacher.pseudo_threshold=0.1"]),
+    "variant/mic_daformer_confident": ("synthetic/mic_daformer", ["method.teacher.pseudo_threshold=0.1"]),
+    "variant/confeti_single_confident": ("gta5_cityscapes/confeti_single", ["method.teacher.pseudo_threshold=0.1"]),
 }
 
 
@@ -105,13 +105,12 @@ def config_overrides(name: str, synth: Path, work: Path) -> list[str]:
               f"{key}.resize_keep_ratio=false", f"{key}.crop=[64,64]", f"{key}.cache=false"]
     o += [f"eval.data.root={synth / 'target'}", "eval.data.kind=cityscapes", "eval.data.split=val"]
     o += _model_overrides(cfg.model)
-    m = cfg.method if isinstance(cfg.method, dict) else vars(cfg.method)
-    if m["name"] == "cfcontra":
+    m = cfg.method
+    if m.name == "cfcontra":
         o += ["method.contrast.init_source_batches=2", "method.contrast.init_target_batches=2"]
-    if m["name"] == "confeti":
-        cut = m["cut"] if isinstance(m["cut"], dict) else vars(m["cut"])
-        folder = cut_folder(work, cut)
-        o += [f"method.stylizer={folder if m['stage'] == 1 else folder / 'latest_net_G.pth'}"]
+    if m.name == "confeti":
+        folder = cut_folder(work, vars(m.cut))
+        o += [f"method.cut.init={folder if m.stage == 1 else folder / 'latest_net_G.pth'}"]
     return o + extra
 
 
@@ -142,6 +141,17 @@ def run_config(name: str, synth: Path, work: Path) -> dict:
             s.close()
         trainer.release()
     return {"steps": steps, "weights": weights, "optimizer_state": opt}
+
+
+def describe_difference(ref: dict, got: dict) -> list[str]:
+    """What differs between two records: per step the keys with both values, then the checksums."""
+    if ref is None:
+        return ["no golden record"]
+    out = []
+    for it, a, b in zip(ITERATIONS, ref["steps"], got["steps"]):
+        out += [f"step {it} {k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    out += [f"{k}: {ref[k]} -> {got[k]}" for k in ("weights", "optimizer_state") if ref[k] != got[k]]
+    return out
 
 
 def golden_config_names() -> list[str]:
@@ -181,7 +191,7 @@ def main(argv=None) -> int:
         print(f"{name}: {'identical' if ok else 'DIFFERENT'}{'' if same_machine else ' (other machine)'}",
               flush=True)
         if not ok:
-            print(json.dumps({"ref": ref, "got": got})[:2000])
+            print("  " + "; ".join(describe_difference(ref, got))[:2000])
     if args.write:
         golden["machine"] = machine_fingerprint()
         GOLDEN_FILE.parent.mkdir(parents=True, exist_ok=True)

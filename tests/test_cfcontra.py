@@ -9,7 +9,7 @@ from segadapt.config import load_config
 from segadapt.engine.trainer import train_from_config
 from segadapt.errors import ConfigError
 from segadapt.methods import build_method
-from segadapt.methods import minent as minent_module
+from segadapt.methods.components import style as style_module
 from segadapt.methods.cfcontra import CFContra, scale_channels_by_norm
 from segadapt.methods.losses import (
     class_centroids,
@@ -177,7 +177,7 @@ def test_training_step_uses_the_four_terms_as_tabled():
     xt = blocks((0.2, 3.0), (1.5, 1.4), (2.0, 0.1))
     batch = {"source": {"image": xs["image"][None], "label": xs["label"][None]},
              "target": {"image": xt["image"][None]}}
-    losses = method.training_step(batch, 0)
+    losses = method(batch, 0)
 
     f_s, f_t = F.avg_pool2d(xs["image"][None, :2], 8), F.avg_pool2d(xt["image"][None, :2], 8)
     y_s = torch.tensor([[[0, 1, 255]]])
@@ -190,7 +190,7 @@ def test_training_step_uses_the_four_terms_as_tabled():
     assert losses["pseudo_label_ratio"].item() == 1.0
     # before start_iter: MinEnt only
     method.mcfg.contrast.start_iter = 5
-    assert not any(k.startswith("loss_con") for k in method.training_step(batch, 4))
+    assert not any(k.startswith("loss_con") for k in method(batch, 4))
 
 
 def test_pseudo_label_options():
@@ -213,11 +213,11 @@ def test_before_start_iter_and_without_contrast_it_is_minent():
     g = torch.Generator().manual_seed(0)
     batch = {"source": {"image": torch.rand(1, 3, 32, 32, generator=g), "label": torch.randint(0, 19, (1, 32, 32))},
              "target": {"image": torch.rand(1, 3, 32, 32, generator=g)}}
-    want = minent.training_step(batch, 3)
+    want = minent(batch, 3)
     for extra in (["method.contrast.start_iter=4"], [f"method.contrast.{w}=0" for w in (
             "weight_source", "weight_target", "weight_source_to_target", "weight_target_to_source")]):
         cf_cfg = load_config("synthetic/cfcontra", ["model.base_width=8", "model.backbone=resnet18", *extra])
-        got = build_method(cf_cfg, model).training_step(batch, 3)
+        got = build_method(cf_cfg, model)(batch, 3)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
@@ -292,7 +292,7 @@ def test_after_step_moves_banks_toward_the_batch_centroids():
     xt = blocks((3.0, 0.0), (0.0, 3.0))
     batch = {"source": {"image": xs["image"][None], "label": xs["label"][None]},
              "target": {"image": xt["image"][None]}}
-    method.training_step(batch, 0)
+    method(batch, 0)
     method.after_step(0)
     s = F.normalize(torch.tensor([0.9, 0.1]), dim=0)  # class 0 pulled toward (0, 1)
     assert torch.allclose(method.bank_source, torch.stack([s, torch.tensor([0.0, 1.0]),
@@ -332,19 +332,19 @@ def test_train_head_switch_and_optimizers():
 
 
 def test_packaged_variants():
-    ablation = load_config("synthetic/cfcontra_no_contrast").method["contrast"]
-    assert ablation["weight_source"] == ablation["weight_target_to_source"] == 0.0
+    ablation = load_config("synthetic/cfcontra_no_contrast").method.contrast
+    assert ablation.weight_source == ablation.weight_target_to_source == 0.0
     assert tiny_cfcontra("method.contrast.weight_source=0", "method.contrast.weight_target=0",
                          "method.contrast.weight_source_to_target=0",
                          "method.contrast.weight_target_to_source=0").head is None
-    ref = load_config("synthetic/cfcontra_reference").method["contrast"]
-    assert (ref["cross_update"], ref["train_head"], ref["init_features"]) == (True, False, "layer4")
+    ref = load_config("synthetic/cfcontra_reference").method.contrast
+    assert (ref.cross_update, ref.train_head, ref.init_features) == (True, False, "layer4")
     for bench in ("gta5_cityscapes", "synthia_cityscapes"):
         cfg = load_config(f"{bench}/cfcontra")
-        c = cfg.method["contrast"]
+        c = cfg.method.contrast
         assert cfg.source.resize == cfg.target.resize == [1280, 640] and cfg.train.seed == 1234
-        assert (c["temperature"], c["momentum"], c["margin"], c["weight_source"]) == (0.07, 0.9, 0.05, 0.001)
-        assert (c["init_source_batches"], c["init_target_batches"]) == (300, 1600)
+        assert (c.temperature, c.momentum, c.margin, c.weight_source) == (0.07, 0.9, 0.05, 0.001)
+        assert (c.init_source_batches, c.init_target_batches) == (300, 1600)
 
 
 # --------------------------------------------------------------------------- online restyling
@@ -360,7 +360,7 @@ class MeanColourStylizer(nn.Module):
 
 def test_online_restyling_wiring(tiny_synth, tmp_path, monkeypatch):
     built = []
-    monkeypatch.setattr(minent_module, "build_stylizer", lambda scfg: built.append(scfg) or MeanColourStylizer())
+    monkeypatch.setattr(style_module, "build_stylizer", lambda scfg: built.append(scfg) or MeanColourStylizer())
     overrides = tiny_overrides(tiny_synth, tmp_path, **{"model.num_classes": 3, "method.contrast.head": "none",
                                                         "method.style.mode": "online",
                                                         "method.style.decoder": "decoder.pth",
@@ -375,7 +375,7 @@ def test_online_restyling_wiring(tiny_synth, tmp_path, monkeypatch):
              "target": {"image": torch.rand(2, 3, 16, 16, generator=g)}}
     for it in (0, 1):  # the MinEnt phase and the contrast phase
         model.calls.clear()
-        method.training_step(batch, it)
+        method(batch, it)
         (seen_s, _), (seen_t, _) = model.calls
         styles = method.restyler.styles
         assert styles.shape == (2, 3, 32, 64)  # two target training images at the benchmark's size

@@ -29,10 +29,10 @@ from segadapt.models.cut import from_cut_range, load_cut_weights, to_cut_range
 from .conftest import assert_optimizer_states_equal, assert_resumed_run_equal, kill_and_resume, tiny_overrides
 
 # tiny CUT, thresholds inside a 6-iteration run so that every term is exercised
-TINY = {"method.stylizer": "null", "method.cut.ngf": 4, "method.cut.ndf": 4, "method.cut.n_blocks": 2,
+TINY = {"method.cut.init": "null", "method.cut.ngf": 4, "method.cut.ndf": 4, "method.cut.n_blocks": 2,
         "method.cut.nce_layers": "[0, 4]", "method.cut.num_patches": 16, "method.cut.nce_dim": 8,
         "method.cam_mix_start": 1, "method.contrast_start": 1, "method.cross_domain_start": 2,
-        "method.rcs_min_pixels": 8}
+        "method.rcs.min_pixels": 8}
 
 
 def _cfg(tiny_synth, out, name="synthetic/confeti_stage1", **extra):
@@ -278,23 +278,24 @@ def test_stage1_then_stage2_from_its_run_folder(tiny_synth, tmp_path):
     assert any(not torch.equal(v, method.cut.G.state_dict()[k]) for k, v in g0.items())  # G trained jointly
 
     stage2 = tmp_path / "stage2"
-    t2 = Trainer(_cfg(tiny_synth, stage2, "synthetic/confeti_stage2", **{"method.stylizer": str(stage1)}),
+    t2 = Trainer(_cfg(tiny_synth, stage2, "synthetic/confeti_stage2", **{"method.cut.init": str(stage1)}),
                  progress=False)
     m2 = t2.method
-    assert set(t2.optimizers) == {"segmenter"} and m2.cut is None and m2.reg_proj is None
+    assert set(t2.optimizers) == {"segmenter"} and not m2.trains_stylizer and m2.reg_proj is None
+    assert {n for n, _ in m2.cut.named_children()} == {"G"}  # no D, no F in stage 2
     for k, v in method.cut.G.state_dict().items():  # stage 1's generator, not retrained
-        assert torch.equal(v, m2.G.state_dict()[k])
+        assert torch.equal(v, m2.cut.G.state_dict()[k])
     trained = {id(p) for o in t2.optimizers.values() for g in o.optimizer.param_groups for p in g["params"]}
-    assert not any(id(p) in trained for p in m2.G.parameters())
+    assert not any(id(p) in trained for p in m2.cut.G.parameters())
     t2.train()
-    assert not m2.G.training
+    assert not m2.cut.G.training
     for k, v in method.cut.G.state_dict().items():
-        assert torch.equal(v, m2.G.state_dict()[k])
+        assert torch.equal(v, m2.cut.G.state_dict()[k])
     keys = set().union(*(json.loads(x) for x in (stage2 / "metrics.jsonl").read_text().splitlines()))
     assert "loss_contrast_mix" in keys and "loss_consistency" not in keys and "loss_contrast_tgt" not in keys
     assert not (stage2 / "latest_net_G.pth").exists()
     # a G file works as well as the folder
-    G = type(m2.G)(4, 2)
+    G = type(m2.cut.G)(4, 2)
     load_cut_weights(G=G, g_path=stage1 / "latest_net_G.pth")
 
 
@@ -302,17 +303,17 @@ def test_stage2_refuses_a_run_without_a_generator(tiny_synth, tmp_path, capsys):
     empty = tmp_path / "empty_run"
     empty.mkdir()
     with pytest.raises(ConfigError, match="has no latest_net_G.pth"):
-        Trainer(_cfg(tiny_synth, tmp_path / "a", "synthetic/confeti_stage2", **{"method.stylizer": str(empty)}),
+        Trainer(_cfg(tiny_synth, tmp_path / "a", "synthetic/confeti_stage2", **{"method.cut.init": str(empty)}),
                 progress=False)
     with pytest.raises(ConfigError, match="needs the stage-1 run folder"):
         Trainer(_cfg(tiny_synth, tmp_path / "b", "synthetic/confeti_stage2"), progress=False)
-    args = tiny_overrides(tiny_synth, tmp_path / "c", **{**TINY, "method.stylizer": str(tmp_path / "nowhere")})
+    args = tiny_overrides(tiny_synth, tmp_path / "c", **{**TINY, "method.cut.init": str(tmp_path / "nowhere")})
     assert main(["train", "--no-progress", "-c", "synthetic/confeti_stage2", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere does not exist" in err[0]
     with pytest.raises(ConfigError, match="stage 2 freezes G"):
         _cfg(tiny_synth, tmp_path / "d", "synthetic/confeti_stage2", **{"method.consistency": "frozen_student",
-                                                                       "method.stylizer": str(empty)})
+                                                                       "method.cut.init": str(empty)})
     with pytest.raises(ConfigError, match="method.consistency"):
         _cfg(tiny_synth, tmp_path / "e", **{"method.consistency": "sometimes"})
 

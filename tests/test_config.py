@@ -14,7 +14,7 @@ def test_packaged_config_loads_with_interpolation():
     assert cfg.name == "synthetic_source_only"
     assert cfg.source.root == "data/synthetic/source"
     assert cfg.out_dir == "runs/synthetic_source_only/seed0"
-    assert cfg.method == {"name": "source_only"}
+    assert type(cfg.method).__name__ == "SourceOnlyConfig" and cfg.method.name == "source_only"
 
 
 def test_overrides_typed_and_nested():
@@ -80,11 +80,14 @@ def test_packaged_config_list_is_complete():
 
 @pytest.mark.parametrize("name", packaged_config_names())
 def test_all_packaged_configs_valid(name):
-    from segadapt.methods import method_config
+    from segadapt.methods import get_method_class
 
     cfg = load_config(name)
     assert cfg.model.num_classes == 19 and cfg.name
-    method_config(cfg.method)  # the method section parses against the method's typed config
+    # the method section is built as the method's own typed config, from YAML to the method
+    assert type(cfg.method) is get_method_class(cfg.method.name).Config
+    # a loaded model section holds the preset's concrete values, nothing left unset
+    assert None not in (cfg.model.arch, cfg.model.normalization, cfg.model.aux)
 
 
 def test_reference_defaults_gta5():

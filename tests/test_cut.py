@@ -115,6 +115,8 @@ def test_state_dict_layouts_match_published_files():
     assert layout(m.D) == expected_discriminator_keys(4)
     assert layout(m.F) == expected_sampler_keys(4, 8)
     assert layout(ResnetGenerator(ngf=2, n_blocks=6)) == expected_generator_keys(2, 6)
+    for n_blocks in (0, 2, 9):  # counted without building (config checks must not draw from the RNG)
+        assert ResnetGenerator.num_layers(n_blocks) == len(ResnetGenerator(ngf=1, n_blocks=n_blocks).model)
 
 
 def test_full_size_parameter_counts_are_cuts():
@@ -248,7 +250,7 @@ def test_discriminator_steps_before_the_generator_gan_term(tiny_synth, tmp_path)
     """CUT's order through the trainer: D's loss is a stage of its own, back-propagated and
     followed by D's Adam step; G's GAN term is then computed against the new D."""
     lr = 0.01
-    trainer = Trainer(load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path / "run", **{"method.lr": lr})),
+    trainer = Trainer(load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path / "run", **{"method.cut.lr": lr})),
                       progress=False)
     cut = trainer.method.cut
     d0 = {k: p.detach().clone() for k, p in cut.D.named_parameters()}
@@ -330,7 +332,7 @@ def test_wrong_files_raise_one_line_checkpoint_errors(tmp_path):
 
 # --------------------------------------------------------------------------- the method
 def cut_overrides(tiny_synth, out, **extra):
-    o = {"method.ngf": 4, "method.ndf": 4, "method.num_patches": 16, "method.nce_dim": 16,
+    o = {"method.cut.ngf": 4, "method.cut.ndf": 4, "method.cut.num_patches": 16, "method.cut.nce_dim": 16,
          "source.resize": "[64, 32]", "source.crop": "[32, 32]",
          "target.resize": "[64, 32]", "target.crop": "[32, 32]",
          "train.iters": 3, "train.batch_source": 1, "train.batch_target": 1}
@@ -342,23 +344,25 @@ def test_method_config_errors_name_the_key(tiny_synth, tmp_path):
     from segadapt.methods import build_method
     from segadapt.models.segmenter import build_segmenter
 
-    cfg = load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path, **{"method.nce_layers": "[4, 0]"}))
-    with pytest.raises(ConfigError, match=r"^method\.nce_layers: must be increasing"):
-        build_method(cfg, build_segmenter(cfg.model))
-    cfg = load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path, **{"method.init_from": str(tmp_path / "x")}))
-    with pytest.raises(ConfigError, match=r"^method\.init_from"):
-        build_method(cfg, build_segmenter(cfg.model))
-    cfg = load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path, **{"method.d_step": "later"}))
-    with pytest.raises(ConfigError, match=r"^method\.d_step: 'later' is not one of first, joint"):
+    # values are checked when the config loads, before any data is read
+    with pytest.raises(ConfigError, match=r"^method\.cut\.nce_layers: must be increasing"):
+        load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path, **{"method.cut.nce_layers": "[4, 0]"}))
+    with pytest.raises(ConfigError, match=r"^method\.cut\.d_step: 'later' is not one of first, joint"):
+        load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path, **{"method.cut.d_step": "later"}))
+    # the old flat keys name their new place
+    with pytest.raises(ConfigError, match=r"'method\.ngf'.*renamed to 'method\.cut\.ngf'"):
+        load_config("synthetic/cut", ["method.ngf=4"])
+    cfg = load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path, **{"method.cut.init": str(tmp_path / "x")}))
+    with pytest.raises(ConfigError, match=r"^method\.cut\.init: .*x does not exist"):
         build_method(cfg, build_segmenter(cfg.model))
 
 
 def test_joint_d_step_keeps_the_one_backward_variant(tiny_synth, tmp_path):
     trainer = Trainer(load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path / "run",
-                                                                 **{"method.d_step": "joint"})), progress=False)
+                                                                 **{"method.cut.d_step": "joint"})), progress=False)
     assert set(trainer.optimizers) == {"generator", "discriminator", "patch_sampler"}
     batch = {d: {"image": torch.rand(1, 3, 32, 32)} for d in ("source", "target")}
-    out = trainer.method.training_step(batch, 0)
+    out = trainer.method(batch, 0)  # no trainer stage needed: D's loss joins the one backward
     assert {"loss_G_GAN", "loss_NCE", "loss_D_fake", "loss_D_real"} <= set(out)
 
 
@@ -387,5 +391,5 @@ def test_tiny_cut_training_through_the_trainer(tiny_synth, tmp_path):
 
     # a new run starts from those files
     trainer2 = Trainer(load_config("synthetic/cut", cut_overrides(tiny_synth, tmp_path / "run2",
-                                                                  **{"method.init_from": str(out)})), progress=False)
+                                                                  **{"method.cut.init": str(out)})), progress=False)
     assert all(torch.equal(v, g1[k]) for k, v in trainer2.method.cut.G.state_dict().items())

@@ -97,10 +97,10 @@ def test_metrics_jsonl_has_no_repeated_iterations_after_resume(tiny_synth, tmp_p
     out = tmp_path / "run"
     original = SourceOnly.training_step
 
-    def killed_in_5th(self, batch, it):
+    def killed_in_5th(self, batch, it, ctx):
         if it == 4:
             raise KeyboardInterrupt
-        return original(self, batch, it)
+        return original(self, batch, it, ctx)
 
     monkeypatch.setattr(SourceOnly, "training_step", killed_in_5th)
     error_line(capsys, train(tiny_synth, out), "interrupted", "iteration 3")

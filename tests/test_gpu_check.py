@@ -7,7 +7,6 @@ from pathlib import Path
 
 from segadapt.config import load_config
 from segadapt.engine import trainer as trainer_mod
-from segadapt.methods import method_config
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
@@ -54,13 +53,13 @@ def test_zero_tolerance_fails_the_check(monkeypatch, capsys):
 
 
 def test_steps_start_past_every_switch_on_threshold():
-    stage1 = method_config(load_config("gta5_cityscapes/confeti_stage1").method)
+    stage1 = load_config("gta5_cityscapes/confeti_stage1").method
     assert gpu_check.first_iteration(stage1) == 3001  # contrast_start / cross_domain_start 3000
-    single = method_config(load_config("gta5_cityscapes/confeti_single").method)
+    single = load_config("gta5_cityscapes/confeti_single").method
     assert gpu_check.first_iteration(single) == 3001  # consistency_start 1000, cam_mix_start 2000
-    cfcontra = method_config(load_config("gta5_cityscapes/cfcontra", ["method.contrast.start_iter=500"]).method)
+    cfcontra = load_config("gta5_cityscapes/cfcontra", ["method.contrast.start_iter=500"]).method
     assert gpu_check.first_iteration(cfcontra) == 501  # nested: method.contrast.start_iter
-    assert gpu_check.first_iteration(method_config({"name": "minent"})) == 1
+    assert gpu_check.first_iteration(load_config("gta5_cityscapes/minent").method) == 1
 
 
 def test_unknown_config_is_one_line(capsys):

@@ -1,4 +1,6 @@
-"""Masked image consistency (MIC) as a switch of DACS, DAFormer and CONFETI."""
+"""Masked image consistency (MIC), a component every method composes: with the teacher of a
+self-training method (DACS, DAFormer, CONFETI) or with a teacher of its own (source-only, MinEnt,
+AdvEnt, CFContra)."""
 import json
 import math
 
@@ -10,7 +12,9 @@ import torch.nn.functional as F
 from segadapt.config import load_config
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import ConfigError
-from segadapt.methods.augment import block_mask, mask_image, normalization_mean_rgb
+from segadapt.methods import StepContext
+from segadapt.methods.components.mic import block_mask, mask_image, normalization_mean_rgb
+from segadapt.methods.components.teacher import MeanTeacher, PseudoLabels
 from segadapt.models.deeplabv2 import normalize_input
 
 from .conftest import tiny_overrides
@@ -80,11 +84,11 @@ def test_normalization_mean_rgb_values():
 
 # --------------------------------------------------------------------------- methods
 def _cfg(tiny_synth, out, name, **extra):
-    extra = {"method.mic_block_size": 8, **extra}
+    extra = {"method.mic.block_size": 8, **extra}
     if "confeti" in name:
         extra = {**CONFETI_TINY, **extra}
     elif "daformer" in name:
-        extra.setdefault("method.rcs_min_pixels", 8)
+        extra.setdefault("method.rcs.min_pixels", 8)
     return load_config(name, tiny_overrides(tiny_synth, out, **extra))
 
 
@@ -108,35 +112,49 @@ class _Fixed(nn.Module):
 
 def test_mic_loss_hand_computed(tiny_synth, tmp_path):
     cfg = _cfg(tiny_synth, tmp_path / "run", "synthetic/dacs",
-               **{"method.mic": "true", "method.mic_weight": 2.0, "method.mic_augment": "false"})
+               **{"method.mic": "true", "method.mic.weight": 2.0, "method.mic.augment": "false"})
     method = Trainer(cfg, progress=False).method
     assert cfg.model.aux_weight == pytest.approx(0.1)
     # 1 x 3 pixels: [0, 0] label 0 weight 0.5 -> ln 2; [ln 3, 0] label 1 weight 1 -> ln 4; ignored -> 0
     logits = torch.tensor([[0.0, math.log(3.0), 5.0], [0.0, 0.0, 0.0]]).view(1, 2, 1, 3)
-    labels = torch.tensor([[[0, 1, 255]]])
-    weights = torch.tensor([[[0.5, 1.0, 1.0]]])
-    method.model = _Fixed(logits, 2 * logits)
-    got = method.mic_losses(torch.rand(1, 3, 1, 3), labels, weights)
+    pseudo = PseudoLabels(torch.tensor([[[0, 1, 255]]]), torch.tensor([[[0.5, 1.0, 1.0]]]), torch.tensor(0.5))
+    got = method.mic.losses(_Fixed(logits, 2 * logits), torch.rand(1, 3, 1, 3), pseudo)
     assert got["loss_mic"].item() == pytest.approx(2.0 * (0.5 * math.log(2) + math.log(4)) / 3)
     # aux logits doubled: [0, 0] -> ln 2 again; [2 ln 3, 0] label 1 -> ln 10
     assert got["loss_mic_aux"].item() == pytest.approx(2.0 * 0.1 * (0.5 * math.log(2) + math.log(10)) / 3)
 
 
 def test_mic_config_checks_and_fill_follows_the_model(tiny_synth, tmp_path):
-    for key, value in (("mic_mask_ratio", 1.0), ("mic_block_size", 0), ("mic_weight", -1)):
-        with pytest.raises(ConfigError, match=f"method.{key}"):
-            Trainer(_cfg(tiny_synth, tmp_path / key, "synthetic/dacs", **{f"method.{key}": value}), progress=False)
+    # checked when the config loads; the old flat keys name their new place
+    for key, value in (("mask_ratio", 1.0), ("block_size", 0), ("weight", -1)):
+        with pytest.raises(ConfigError, match=f"method.mic.{key}"):
+            _cfg(tiny_synth, tmp_path / key, "synthetic/dacs", **{f"method.mic.{key}": value})
+    with pytest.raises(ConfigError, match="'method.mic_weight'.*renamed to 'method.mic.weight'"):
+        _cfg(tiny_synth, tmp_path / "old", "synthetic/dacs", **{"method.mic_weight": 2})
     for kind in ("advent_bgr", "imagenet_rgb"):
-        method = Trainer(_cfg(tiny_synth, tmp_path / kind, "synthetic/dacs", **{"model.normalization": kind}),
-                         progress=False).method
-        assert method.mic_fill.tolist() == pytest.approx(normalization_mean_rgb(kind))
-        assert "mic_fill" not in method.state_dict()
+        method = Trainer(_cfg(tiny_synth, tmp_path / kind, "synthetic/dacs",
+                              **{"model.normalization": kind, "method.mic": "true"}), progress=False).method
+        assert method.mic.fill.tolist() == pytest.approx(normalization_mean_rgb(kind))
+        assert "mic.fill" not in method.state_dict()
+        assert method.mic.teacher is None  # DACS shares its own teacher's pseudo-labels
 
 
-def _record(method, monkeypatch):
-    """Wrap the teacher, the MIC input and loss, and end_stage; returns the event log."""
+class _RecordingContext(StepContext):
+    def __init__(self, events, run_stage):
+        super().__init__(run_stage)
+        self.events = events
+
+    def end_stage(self, losses, step=()):
+        self.events.append(("stage", sorted(k for k, v in losses.items() if k.startswith("loss") and v.requires_grad)))
+        return super().end_stage(losses, step)
+
+
+def _record(trainer, monkeypatch, teacher=None):
+    """Wrap the teacher, the MIC input and loss; returns the event log and a recording step context
+    that runs the trainer's staged backward."""
+    method = trainer.method
     events = []
-    teacher = method.teacher_model()
+    teacher = teacher if teacher is not None else method.teacher_model()
     orig_teacher_forward = teacher.forward
 
     def teacher_forward(x, *a, **k):
@@ -145,7 +163,7 @@ def _record(method, monkeypatch):
         return out
 
     monkeypatch.setattr(teacher, "forward", teacher_forward)
-    orig_images, orig_losses, orig_stage = method.mic_images, method.mic_losses, method.end_stage
+    orig_images, orig_losses = method.mic.images, method.mic.losses
 
     def mic_images(x):
         events.append(("mic_rng", torch.get_rng_state()))
@@ -153,65 +171,63 @@ def _record(method, monkeypatch):
         events.append(("mic_input", y.clone()))
         return y
 
-    def mic_losses(x, pseudo, weights):
-        events.append(("mic_args", x.clone(), pseudo.clone(), weights.clone()))
-        return orig_losses(x, pseudo, weights)
+    def mic_losses(model, x, pseudo=None):
+        events.append(("mic_args", x.clone(), pseudo))
+        out = orig_losses(model, x, pseudo)
+        events.append(("mic_losses", sorted(out)))
+        return out
 
-    def end_stage(losses, step=()):
-        events.append(("stage", sorted(k for k, v in losses.items() if k.startswith("loss") and v.requires_grad)))
-        return orig_stage(losses, step)
-
-    monkeypatch.setattr(method, "mic_images", mic_images)
-    monkeypatch.setattr(method, "mic_losses", mic_losses)
-    monkeypatch.setattr(method, "end_stage", end_stage)
-    return events
+    monkeypatch.setattr(method.mic, "images", mic_images)
+    monkeypatch.setattr(method.mic, "losses", mic_losses)
+    return events, _RecordingContext(events, trainer._run_stage)
 
 
 @pytest.mark.parametrize("name", ["synthetic/dacs", "synthetic/confeti_stage1"])
 def test_mic_labels_come_from_the_unmasked_target(tiny_synth, tmp_path, monkeypatch, name):
-    method = Trainer(_cfg(tiny_synth, tmp_path / "run", name, **{"method.mic": "true"}), progress=False).method
+    trainer = Trainer(_cfg(tiny_synth, tmp_path / "run", name, **{"method.mic": "true"}), progress=False)
+    method = trainer.method
     method.train()
-    events = _record(method, monkeypatch)
+    events, ctx = _record(trainer, monkeypatch)
     batch = _batch()
     torch.manual_seed(1)
-    method.training_step(batch, 2)
+    method(batch, 2, ctx)
     kinds = [e[0] for e in events]
     teacher_calls = [e for e in events if e[0] == "teacher"]
     # the first call gives the pseudo-labels (CONFETI's prototype update calls it on x_mix after)
     assert torch.equal(teacher_calls[0][1], batch["target"]["image"])
     assert kinds.index("teacher") < kinds.index("mic_rng")
-    _, x, pseudo, weights = next(e for e in events if e[0] == "mic_args")
+    _, x, pseudo = next(e for e in events if e[0] == "mic_args")
     assert torch.equal(x, batch["target"]["image"])
     logits = F.interpolate(teacher_calls[0][2], size=(32, 64), mode="bilinear", align_corners=False)
-    assert torch.equal(pseudo, logits.argmax(1))
-    assert torch.equal(weights, method.pseudo_labels(batch["target"]["image"])[1])  # q, rows not mixed
+    assert torch.equal(pseudo.labels, logits.argmax(1))
+    assert torch.equal(pseudo.weights, method.pseudo_labels(batch["target"]["image"]).weights)  # q, rows not mixed
     # the student's masked input: whole 8 x 8 blocks at the fill colour, the rest not
     y = next(e for e in events if e[0] == "mic_input")[1]
     assert not any(torch.equal(y, e[1]) for e in teacher_calls)  # the teacher never sees the masked image
-    at_fill = (y == method.mic_fill.view(1, 3, 1, 1)).all(1)
+    at_fill = (y == method.mic.fill.view(1, 3, 1, 1)).all(1)
     blocks = at_fill.view(2, 4, 8, 8, 8)
     assert torch.equal(blocks.amax(dim=(2, 4)), blocks.amin(dim=(2, 4))) and 0 < at_fill.float().mean() < 1
-    # the mix loss had its backward stage before the masked forward
-    mix_stage = max(i for i, e in enumerate(events) if e[0] == "stage" and "loss_mix_main" in e[1])
-    assert mix_stage < kinds.index("mic_rng")
-    if "confeti" in name:  # the MIC loss ends a stage of its own before the target contrast
-        assert any(e[0] == "stage" and e[1] == ["loss_mic", "loss_mic_aux"] for e in events)
+    # every stage of the method had its backward before the masked forward; MIC's loss is the last stage
+    assert max(i for i, k in enumerate(kinds) if k == "stage") < kinds.index("mic_rng")
+    assert any(e[0] == "stage" and "loss_mix_main" in e[1] for e in events)
+    assert next(e for e in events if e[0] == "mic_losses")[1] == ["loss_mic", "loss_mic_aux"]
 
 
 def test_mic_off_changes_nothing(tiny_synth, tmp_path, monkeypatch):
     def step(mic):
         cfg = _cfg(tiny_synth, tmp_path / f"run_{mic}", "synthetic/daformer", **{"method.mic": mic})
-        method = Trainer(cfg, progress=False).method
+        trainer = Trainer(cfg, progress=False)
+        method = trainer.method
         method.train()
-        events = _record(method, monkeypatch)
+        events = _record(trainer, monkeypatch)[0] if method.mic is not None else []
         torch.manual_seed(1)
-        out = method.training_step(_batch(), 2)
+        out = method(_batch(), 2)
         return out, events, torch.get_rng_state()
 
     off, off_events, off_rng = step("false")
     on, on_events, _ = step("true")
     assert not any(k.startswith("loss_mic") for k in off)
-    assert not any(e[0].startswith("mic") for e in off_events)
+    assert not off_events
     assert {"loss_mic", "loss_mic_aux"} <= set(on)
     # every other loss equal, and MIC draws only after everything the step drew without it
     assert set(on) - {"loss_mic", "loss_mic_aux"} == set(off)
@@ -224,10 +240,81 @@ def test_mic_off_changes_nothing(tiny_synth, tmp_path, monkeypatch):
 def test_training_with_mic_logs_loss_mic(tiny_synth, tmp_path, name):
     out = tmp_path / "run"
     # threshold 0: q = 1, so that an untrained teacher's labels weigh and the MIC loss is not 0
-    cfg = _cfg(tiny_synth, out, name, **{"method.mic": "true", "method.pseudo_threshold": 0.0,
+    cfg = _cfg(tiny_synth, out, name, **{"method.mic": "true", "method.teacher.pseudo_threshold": 0.0,
                                          "train.iters": 2, "train.log_every": 2, "train.ckpt_every": 2})
     Trainer(cfg, progress=False).train()
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     keys = set().union(*logged)
     assert {"loss_mic", "loss_mic_aux", "loss_mix_main"} <= keys
     assert all(math.isfinite(r["loss_mic"]) and r["loss_mic"] > 0 for r in logged if "loss_mic" in r)
+
+
+# --------------------------------------------------------------------------- MIC on methods without a teacher
+@pytest.mark.parametrize("name", ["synthetic/source_only", "synthetic/minent", "synthetic/advent",
+                                  "synthetic/cfcontra"])
+def test_mic_on_every_method_trains_with_its_own_teacher(tiny_synth, tmp_path, name):
+    out = tmp_path / "run"
+    extra = {"method.mic": "true", "method.teacher.pseudo_threshold": 0.0, "train.iters": 2, "train.log_every": 1,
+             "train.ckpt_every": 2}
+    if "cfcontra" in name:
+        extra.update({"method.contrast.start_iter": 0, "method.contrast.init_source_batches": 1,
+                      "method.contrast.init_target_batches": 1})
+    trainer = Trainer(_cfg(tiny_synth, out, name, **extra), progress=False)
+    method = trainer.method
+    assert method.uses_target and isinstance(method.mic.teacher, MeanTeacher)
+    trained = {id(p) for o in trainer.optimizers.values() for g in o.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in trained for p in method.mic.teacher.parameters())
+    student0 = {k: v.clone() for k, v in method.model.state_dict().items()}
+    trainer.train()
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_mic"] > 0 and r["mic_pseudo_weight"] == 1.0 for r in logged if "loss" in r)
+    # the teacher follows the student: after two updates it is neither the start nor the student
+    ema = method.mic.teacher.ema.state_dict()
+    key = "layer6.conv2d_list.0.weight"
+    assert not torch.equal(ema[key], student0[key]) and not torch.equal(ema[key], method.model.state_dict()[key])
+    assert any(k.startswith("mic.teacher.ema.") for k in torch.load(out / "final.pth", weights_only=False)["method"])
+
+
+def test_minent_mic_teacher_settings_and_pseudo_labels(tiny_synth, tmp_path, monkeypatch):
+    """MinEnt's MIC teacher: MIC's MinEnt defaults (alpha 0.999, threshold 0.968, no ignored rows),
+    labels of the clean target; its EMA step is MeanTeacher's after every optimizer step."""
+    cfg = _cfg(tiny_synth, tmp_path / "run", "synthetic/minent", **{"method.mic": "true"})
+    assert (cfg.method.teacher.alpha, cfg.method.teacher.pseudo_threshold, cfg.method.teacher.ignore_top,
+            cfg.method.teacher.ignore_bottom) == (0.999, 0.968, 0, 0)
+    trainer = Trainer(cfg, progress=False)
+    method = trainer.method
+    method.train()
+    events, ctx = _record(trainer, monkeypatch, teacher=method.mic.teacher.ema)
+    batch = _batch()
+    torch.manual_seed(1)
+    out = method(batch, 0, ctx)
+    teacher_calls = [e for e in events if e[0] == "teacher"]
+    assert len(teacher_calls) == 1 and torch.equal(teacher_calls[0][1], batch["target"]["image"])
+    probs = torch.softmax(F.interpolate(teacher_calls[0][2], size=(32, 64), mode="bilinear", align_corners=True), 1)
+    q = (probs.max(1).values >= 0.968).float().mean()
+    assert out["mic_pseudo_weight"] == q
+    # MinEnt's stages (source CE, then entropy) both had their backward before the masked forward
+    assert [e[1] for e in events if e[0] == "stage"] == [["loss_seg_aux", "loss_seg_main"],
+                                                          ["loss_ent_aux", "loss_ent_main"]]
+    before = method.mic.teacher.ema.state_dict()["layer6.conv2d_list.0.weight"].clone()
+    with torch.no_grad():
+        for p in method.model.parameters():
+            p.add_(1.0)
+    method.after_step(0)  # update 1: alpha_1 = min(1 - 1/2, 0.999) = 0.5
+    w = method.model.state_dict()["layer6.conv2d_list.0.weight"]
+    assert torch.allclose(method.mic.teacher.ema.state_dict()["layer6.conv2d_list.0.weight"], 0.5 * before + 0.5 * w)
+
+
+def test_resumed_minent_mic_run_equals_uninterrupted(tiny_synth, tmp_path, monkeypatch):
+    from segadapt.engine.trainer import train_from_config
+    from segadapt.methods.minent import MinEnt
+
+    from .conftest import assert_resumed_run_equal, kill_and_resume
+
+    extra = {"method.mic": "true", "method.teacher.pseudo_threshold": 0.0}
+    train_from_config(_cfg(tiny_synth, tmp_path / "a", "synthetic/minent", **extra), progress=False)
+    ref = torch.load(tmp_path / "a" / "final.pth", weights_only=False)
+    interrupted, got = kill_and_resume(monkeypatch, MinEnt, _cfg(tiny_synth, tmp_path / "b", "synthetic/minent",
+                                                                 **extra), 4, 3)
+    assert interrupted["iteration"] == 3
+    assert_resumed_run_equal(ref, got)  # MIC's teacher included

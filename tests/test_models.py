@@ -15,6 +15,7 @@ from torch import nn
 from segadapt.errors import CheckpointError, ConfigError
 from segadapt.models.checkpoints import load_pretrained
 from segadapt.models.deeplabv2 import ClassifierModule, DeepLabV2, normalize_input
+from segadapt.models import model_config
 from segadapt.models.segmenter import build_segmenter
 from segadapt.models.resnet import ResNet
 
@@ -435,7 +436,7 @@ def _cfg(**kw):
     base = dict(arch="deeplabv2", backbone="resnet18", base_width=8, stem="caffe", num_classes=7, aux=True,
                 normalization="advent_bgr", bn_mode="train", pretrained=None)
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return model_config(**base)
 
 
 def test_build_segmenter(tmp_path):

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segadapt.methods.base import cross_entropy, upsample
-from segadapt.methods.self_training import weighted_cross_entropy
+from segadapt.methods.losses import cross_entropy, upsample
+from segadapt.methods.losses import weighted_cross_entropy
 from segadapt.models.resize import interpolation_matrix, resize_bilinear
 
 

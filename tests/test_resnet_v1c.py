@@ -13,9 +13,10 @@ from torch import nn
 from segadapt.config import load_config
 from segadapt.engine.predictor import load_segmenter
 from segadapt.errors import CheckpointError, ConfigError
-from segadapt.methods.feature_distance import FrozenBackbone
+from segadapt.methods.components.feature_distance import FrozenBackbone
 from segadapt.models.checkpoints import extract_state_dict, load_pretrained, load_state_dict_checked
 from segadapt.models.deeplabv2 import DeepLabV2
+from segadapt.models import model_config
 from segadapt.models.segmenter import build_segmenter
 from segadapt.models.resnet import ResNet
 
@@ -162,8 +163,8 @@ def test_imagenet_v1c_file_through_model_pretrained(tmp_path):
     sd["fc.bias"] = torch.randn(1000)
     path = tmp_path / "resnet101_v1c-e67eebb6.pth"
     torch.save({"meta": {"epoch": 120}, "state_dict": sd}, path)
-    m = build_segmenter(dict(backbone="resnet101", base_width=4, resnet_style="v1c", aux=False,
-                             normalization="imagenet_rgb", pretrained=str(path)))
+    m = build_segmenter(model_config(**dict(backbone="resnet101", base_width=4, resnet_style="v1c", aux=False,
+                             normalization="imagenet_rgb", pretrained=str(path))))
     msd = m.state_dict()
     for k in ("stem.0.weight", "stem.7.running_var", "layer3.22.conv2.weight", "layer4.0.downsample.1.bias"):
         assert torch.equal(msd[k], sd[k]), k
@@ -316,17 +317,17 @@ def test_features_and_frozen_backbone_on_v1c():
 # ---------------------------------------------------------------------------
 def test_config_validation():
     base = dict(backbone="resnet18", base_width=8, num_classes=3, aux=False)
-    m = build_segmenter({**base, "resnet_style": "v1c"})
+    m = build_segmenter(model_config(**{**base, "resnet_style": "v1c"}))
     assert m.resnet_style == "v1c" and m.stem_type == "v1c" and m.stride_in_1x1 is False
-    assert build_segmenter({**base, "resnet_style": "v1c", "stem": "v1c", "stride_in_1x1": False}).maxpool.ceil_mode is False
+    assert build_segmenter(model_config(**{**base, "resnet_style": "v1c", "stem": "v1c", "stride_in_1x1": False})).maxpool.ceil_mode is False
     # a caffe trunk with the three-conv stem keeps building (older stored configs)
-    h = build_segmenter({**base, "stem": "v1c"})
+    h = build_segmenter(model_config(**{**base, "stem": "v1c"}))
     assert h.resnet_style == "caffe" and h.stem is not None and h.maxpool.ceil_mode is True
     for bad, field in ((dict(resnet_style="v1b"), "model.resnet_style"), (dict(resnet_style="v1c", stem="caffe"), "model.stem"),
                        (dict(resnet_style="v1c", stride_in_1x1=True), "model.stride_in_1x1"),
                        (dict(aspp_dilations=[]), "model.aspp_dilations"), (dict(aspp_dilations=[6, 0]), "model.aspp_dilations")):
         with pytest.raises(ConfigError, match=field):
-            build_segmenter({**base, **bad})
+            build_segmenter(model_config(**{**base, **bad}))
 
 
 @pytest.mark.parametrize("name,dilations", [

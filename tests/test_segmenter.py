@@ -10,10 +10,11 @@ from segadapt.config import OptimConfig, load_config
 from segadapt.optim import build_optimizer, layer_decay_groups
 from segadapt.engine.trainer import Trainer
 from segadapt.errors import CheckpointError, ConfigError
-from segadapt.methods.feature_distance import FrozenBackbone
-from segadapt.methods.teacher import MeanTeacher
+from segadapt.methods.components.feature_distance import FrozenBackbone
+from segadapt.methods.components.teacher import MeanTeacher
 from segadapt.models.checkpoints import load_pretrained
 from segadapt.models.mit import build_mit
+from segadapt.models import model_config
 from segadapt.models.segmenter import EncoderDecoder, build_segmenter
 from segadapt.models.vit import build_dinov2
 
@@ -27,12 +28,12 @@ TINY_VIT = dict(arch="encoder_decoder", backbone="dinov2_vits14", embed_dims=[32
 
 def _mit(**kw):
     torch.manual_seed(0)
-    return build_segmenter({**TINY_MIT, **kw})
+    return build_segmenter(model_config(**{**TINY_MIT, **kw}))
 
 
 def _vit(**kw):
     torch.manual_seed(0)
-    return build_segmenter({**TINY_VIT, **kw})
+    return build_segmenter(model_config(**{**TINY_VIT, **kw}))
 
 
 # --------------------------------------------------------------------------- interface
@@ -66,14 +67,14 @@ def test_bad_model_configs_are_one_line_errors():
         ({**TINY_MIT, "backbone": "mobilenetv2", "embed_dims": [8]}, "does not apply to mobilenetv2"),
         ({**TINY_MIT, "backbone": "mobilenetv2", "embed_dims": None, "output_stride": 4}, "8, 16 or 32"),
         ({**TINY_MIT, "backbone": "mit_b9"}, "unknown backbone 'mit_b9'"),
-        ({**TINY_MIT, "decode_head": "uper"}, "unknown head 'uper'"),
+        ({**TINY_MIT, "decode_head": "uper"}, "unknown decode head 'uper'"),
         ({**TINY_MIT, "embed_dims": [8, 16, 41, 64]}, "multiple"),
         ({**TINY_MIT, "arch": "segformer"}, "unknown architecture"),
-        ({"arch": "deeplabv2", "backbone": "mit_b0"}, "MiT / DINOv2 ViT: arch encoder_decoder"),
+        ({"arch": "deeplabv2", "backbone": "mit_b0"}, "is a MiT: use model.arch=encoder_decoder"),
         ({**TINY_VIT, "embed_dims": [32, 64]}, "one width"),
     ]:
         with pytest.raises(ConfigError, match=msg) as e:
-            build_segmenter(cfg)
+            build_segmenter(model_config(**cfg))
         assert "\n" not in str(e.value)
 
 
@@ -117,7 +118,7 @@ def test_published_dinov2_file_loads(tmp_path):
 
 
 def test_wrong_files_are_refused(tmp_path):
-    resnet = build_segmenter({"arch": "deeplabv2", "backbone": "resnet18", "base_width": 8, "num_classes": 5})
+    resnet = build_segmenter(model_config(**{"arch": "deeplabv2", "backbone": "resnet18", "base_width": 8, "num_classes": 5}))
     torch.save(resnet.state_dict(), tmp_path / "advent.pth")
     with pytest.raises(CheckpointError, match="advent.pth .* does not match the model"):
         load_pretrained(_mit(), tmp_path / "advent.pth")
@@ -189,7 +190,7 @@ def test_tiny_run_on_a_mit(tiny_synth, tmp_path, name):
     extra = {"model.arch": "encoder_decoder", "model.backbone": "mit_b0", "model.embed_dims": "[8, 16, 40, 64]",
              "model.head_channels": 16, "model.aux": "false", "train.iters": 2, "train.ckpt_every": 2}
     if "daformer" in name:
-        extra.update({"method.rcs_min_pixels": 8, "method.mic": "true", "method.mic_block_size": 8})
+        extra.update({"method.rcs.min_pixels": 8, "method.mic": "true", "method.mic.block_size": 8})
     cfg = load_config(name, tiny_overrides(tiny_synth, tmp_path / "run", **extra))
     trainer = Trainer(cfg, progress=False)
     assert isinstance(trainer.method.model, EncoderDecoder)
@@ -213,12 +214,12 @@ def test_published_configs_build_the_published_networks(bench):
     for name in ("confeti_mitb5", "mic_daformer_mitb5"):
         cfg = load_config(f"{bench}/{name}")
         assert cfg.model.backbone == "mit_b5" and cfg.optim.no_decay_keys == ["norm", "pos_block"]
-    assert load_config(f"{bench}/mic_daformer_mitb5").method["mic"] is True
+    assert load_config(f"{bench}/mic_daformer_mitb5").method.mic.enabled is True
 
 
 MIT_OVERRIDES = {"model.arch": "encoder_decoder", "model.backbone": "mit_b0", "model.embed_dims": "[8, 16, 40, 64]",
                  "model.head_channels": 16, "model.aux": "false", "model.drop_path_rate": 0.2,
-                 "method.rcs_min_pixels": 8, "method.mic": "true", "method.mic_block_size": 8}
+                 "method.rcs.min_pixels": 8, "method.mic": "true", "method.mic.block_size": 8}
 
 
 def test_resumed_mit_daformer_mic_run_equals_uninterrupted(tiny_synth, tmp_path, monkeypatch):
@@ -266,11 +267,11 @@ METHODS = {
     "synthetic/advent": {"method.disc_width": 8},
     "synthetic/cfcontra": {"method.contrast.init_source_batches": 1, "method.contrast.init_target_batches": 1,
                            "method.contrast.start_iter": 0},
-    "synthetic/confeti_stage1": {"method.stylizer": "null", "method.cut.ngf": 4, "method.cut.ndf": 4,
+    "synthetic/confeti_stage1": {"method.cut.init": "null", "method.cut.ngf": 4, "method.cut.ndf": 4,
                                  "method.cut.n_blocks": 2, "method.cut.nce_layers": "[0, 4]",
                                  "method.cut.num_patches": 16, "method.cut.nce_dim": 8, "method.cam_mix_start": 0,
                                  "method.contrast_start": 0, "method.cross_domain_start": 0,
-                                 "method.rcs_min_pixels": 8, "method.mic": "true", "method.mic_block_size": 8},
+                                 "method.rcs.min_pixels": 8, "method.mic": "true", "method.mic.block_size": 8},
 }
 
 
@@ -347,10 +348,10 @@ def test_backbone_only_files_are_refused_as_trained_segmenters(tmp_path):
         load_segmenter(tmp_path / "mit_b0.pth", str(cfg))
     m = _mit()
     assert m.output_stride == 4 and _vit().output_stride == 14
-    assert build_segmenter({**TINY_MIT, "backbone": "mobilenetv2", "embed_dims": None, "decode_head": "aspp",
-                            "output_stride": 16}).output_stride == 16
+    assert build_segmenter(model_config(**{**TINY_MIT, "backbone": "mobilenetv2", "embed_dims": None, "decode_head": "aspp",
+                            "output_stride": 16})).output_stride == 16
     for bad, msg in [({"pretrained": "installed"}, "offline MobileNetV2 weights"),
-                     ({"bn_mode": "eval"}, "bn_mode applies to arch deeplabv2 only")]:
+                     ({"bn_mode": "eval"}, "bn_mode: applies to arch deeplabv2 only")]:
         with pytest.raises(ConfigError, match=msg):
             _mit(**bad)
 

@@ -9,34 +9,26 @@ from segadapt.config import load_config
 from segadapt.engine.checkpoint import load_checkpoint
 from segadapt.engine.trainer import Trainer, train_from_config
 from segadapt.errors import ConfigError, TrainingError
-from segadapt.methods.augment import (
+from segadapt.methods.components.augment import (
     adjust_hue,
     adjust_saturation,
     blur_kernel_size,
-    choose_mix_classes,
-    class_mix_mask,
     color_jitter,
     gaussian_blur,
     gaussian_kernels,
     hsv_to_rgb,
-    mix,
-    present_classes,
     random_gaussian_blur,
     rgb_to_hsv,
 )
-from segadapt.methods.feature_distance import (
+from segadapt.methods.components.classmix import choose_mix_classes, class_mix_mask, mix, present_classes
+from segadapt.methods.components.feature_distance import (
     downscale_label_ratio,
     feature_distance_mask,
     masked_feature_distance,
 )
-from segadapt.methods.self_training import (
-    DAFormer,
-    confidence_weight,
-    pseudo_weight_map,
-    weighted_cross_entropy,
-)
-from segadapt.methods.base import segmentation_loss
-from segadapt.methods.teacher import MeanTeacher, ema_alpha
+from segadapt.methods.components.teacher import MeanTeacher, confidence_weight, ema_alpha, pseudo_weight_map
+from segadapt.methods.losses import segmentation_loss, weighted_cross_entropy
+from segadapt.methods.self_training import DAFormer
 
 from .conftest import assert_resumed_run_equal, kill_and_resume, tiny_overrides
 
@@ -348,7 +340,7 @@ def test_source_ce_mean_over_all_pixels_and_align_corners():
 # --------------------------------------------------------------------------- through the trainer
 def _cfg(tiny_synth, out, name, **extra):
     if "daformer" in name:
-        extra.setdefault("method.rcs_min_pixels", 8)
+        extra.setdefault("method.rcs.min_pixels", 8)
     return load_config(name, tiny_overrides(tiny_synth, out, **extra))
 
 
@@ -363,14 +355,14 @@ def test_tiny_run(tiny_synth, tmp_path, name):
     if isinstance(method, DAFormer):
         assert trainer.streams["source"].sampler_cls.__name__ == "RareClassSampler"
         assert (tiny_synth / "source" / "segadapt_class_stats.json").is_file()
-        frozen = {k: v.clone() for k, v in method.imagenet.state_dict().items()}
-        assert not any(id(p) in trained for p in method.imagenet.parameters())
+        frozen = {k: v.clone() for k, v in method.fd.imagenet.state_dict().items()}
+        assert not any(id(p) in trained for p in method.fd.imagenet.parameters())
     trainer.train()
     assert method.teacher.ema.training == method.training  # batch-statistics teacher follows the method
     student, teacher = dict(method.model.named_parameters()), dict(method.teacher.ema.named_parameters())
     assert not torch.equal(student["layer6.conv2d_list.0.weight"], teacher["layer6.conv2d_list.0.weight"])
     if frozen is not None:
-        assert all(torch.equal(v, method.imagenet.state_dict()[k]) for k, v in frozen.items())
+        assert all(torch.equal(v, method.fd.imagenet.state_dict()[k]) for k, v in frozen.items())
     logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     keys = set().union(*logged)
     assert {"loss_src_main", "loss_mix_main", "pseudo_weight"} <= keys
@@ -389,7 +381,7 @@ def test_eval_teacher_and_bad_batches(tiny_synth, tmp_path):
     batch = {"source": {"image": torch.rand(2, 3, 32, 64), "label": torch.zeros(2, 32, 64, dtype=torch.long)},
              "target": {"image": torch.rand(2, 3, 32, 32)}}
     with pytest.raises(TrainingError, match="source.crop and target.crop"):
-        trainer.method.training_step(batch, 0)
+        trainer.method(batch, 0)
 
 
 def test_resumed_daformer_run_equals_uninterrupted(tiny_synth, tmp_path, monkeypatch):

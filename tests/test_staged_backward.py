@@ -5,20 +5,21 @@ import torch
 
 from segadapt.config import load_config
 from segadapt.engine.trainer import Trainer, move_to
+from segadapt.methods import StepContext
 
 from .conftest import tiny_overrides
 
-CONFETI = {"method.stylizer": "null", "method.cut.ngf": 4, "method.cut.ndf": 4, "method.cut.n_blocks": 2,
+CONFETI = {"method.cut.init": "null", "method.cut.ngf": 4, "method.cut.ndf": 4, "method.cut.n_blocks": 2,
            "method.cut.nce_layers": "[0, 4]", "method.cut.num_patches": 16, "method.cut.nce_dim": 8,
            "method.cam_mix_start": 1, "method.contrast_start": 1, "method.cross_domain_start": 2,
-           "method.rcs_min_pixels": 8}
+           "method.rcs.min_pixels": 8}
 CASES = {
     "minent": ("synthetic/minent", {}),
     "advent": ("synthetic/advent", {}),
     "cfcontra": ("synthetic/cfcontra", {"method.contrast.start_iter": 0, "method.contrast.init_source_batches": 2,
                                         "method.contrast.init_target_batches": 2}),
     "dacs": ("synthetic/dacs", {}),
-    "daformer": ("synthetic/daformer", {"method.rcs_min_pixels": 8}),
+    "daformer": ("synthetic/daformer", {"method.rcs.min_pixels": 8}),
     "confeti_joint_d": ("synthetic/confeti_stage1", {**CONFETI, "method.cut.d_step": "joint"}),
     "confeti_d_first": ("synthetic/confeti_stage1", CONFETI),
 }
@@ -33,7 +34,7 @@ def _grads_after_forward(tiny_synth, out, name, extra, staged: bool, it: int = 3
         for o in trainer.optimizers.values():
             o.set_iteration(it)
             o.optimizer.zero_grad(set_to_none=True)
-        out_losses = trainer.method(batch, it)
+        out_losses = trainer.method(batch, it, StepContext(trainer._run_stage))
         pending = {k for k, v in out_losses.items() if k.startswith("loss") and v.requires_grad}
         trainer._backward(out_losses)
         grads = {n: p.grad.clone() for n, p in trainer.method.named_parameters() if p.grad is not None}

@@ -30,8 +30,8 @@ def test_resumed_run_equals_uninterrupted(tiny_synth, tmp_path, monkeypatch):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_synth, tmp_path, monkeypatch):
     original = SourceOnly.training_step
 
-    def nan_from_4(self, batch, it):
-        out = original(self, batch, it)
+    def nan_from_4(self, batch, it, ctx):
+        out = original(self, batch, it, ctx)
         if it >= 4:
             out["loss_seg_main"] = out["loss_seg_main"] * float("nan")
         return out

@@ -7,7 +7,17 @@ from pathlib import Path
 from ..errors import CheckpointError
 
 FORMAT = "segadapt"
-VERSION = 1
+# 2: method sections typed, components under their own keys (fd.imagenet.*, CONFETI stage 2's cut.G.*)
+VERSION = 2
+
+
+def rename_state_keys(state: dict, renamed: dict) -> dict:
+    """Method state of an older checkpoint with its renamed key prefixes (old -> new) replaced."""
+    out = {}
+    for k, v in state.items():
+        old = next((o for o in renamed if k.startswith(o)), None)
+        out[renamed[old] + k[len(old):] if old else k] = v
+    return out
 
 
 def load_checkpoint(path) -> dict:

@@ -188,9 +188,9 @@ def resume_config(resume: str, overrides: list[str], config: Optional[str], defa
     del ckpt
     recorded = load_config(None, [], base=ckpt_cfg)
     if given is not None and config is not None:
-        if given.method.get("name") != recorded.method.get("name"):
-            raise ConfigError(f"checkpoint {path} was trained with method '{recorded.method.get('name')}', "
-                              f"-c {config} names '{given.method.get('name')}': resume without -c, or start a new run")
+        if given.method.name != recorded.method.name:
+            raise ConfigError(f"checkpoint {path} was trained with method '{recorded.method.name}', "
+                              f"-c {config} names '{given.method.name}': resume without -c, or start a new run")
         if given.name != recorded.name:
             print(f"segadapt train: warning: --resume continues with the checkpoint's config '{recorded.name}', "
                   f"not -c {config} ('{given.name}')", file=sys.stderr)

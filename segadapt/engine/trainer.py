@@ -31,12 +31,12 @@ from ..config import Config, dump_config
 from ..data.datasets import build_dataset, restyled_eval_note
 from ..data.sampling import DataStream
 from ..errors import CheckpointError, ConfigError, TrainingError
-from ..methods import build_method
+from ..methods import StepContext, build_method
 from ..models.checkpoints import load_pretrained
 from ..models.segmenter import build_segmenter
 from ..utils import distributed as dist_utils
 from ..utils.checkpoint import atomic_save, first_non_finite, rng_state, set_rng_state
-from .checkpoint import FORMAT, VERSION, load_checkpoint
+from .checkpoint import FORMAT, VERSION, load_checkpoint, rename_state_keys
 from .evaluator import evaluate, inference_options, subsets_for
 from .host_memory import tune_malloc
 from .logging import RunLogger
@@ -221,7 +221,6 @@ class Trainer:
         # staged backward: each stage's graph is freed before the next forward; several backward
         # passes per step do not fit DDP's hooks, so ranks average gradients by hand then
         self.staged = tc.staged_backward
-        self.method.stage_runner = self._run_stage
         self.manual_sync = self.world > 1 and self.staged
         self._stepped: set[str] = set()
         self.ddp = None
@@ -254,8 +253,10 @@ class Trainer:
     def _restore(self, ckpt: dict, where: str) -> None:
         try:
             self.model.load_state_dict(ckpt["model"])
+            method_state = rename_state_keys(ckpt["method"], type(self.method).RENAMED_STATE) \
+                if int(ckpt.get("version", 1)) < 2 else ckpt["method"]
             missing, unexpected = self.method.load_state_dict(
-                {**{f"model.{k}": v for k, v in ckpt["model"].items()}, **ckpt["method"]}, strict=False)
+                {**{f"model.{k}": v for k, v in ckpt["model"].items()}, **method_state}, strict=False)
             if missing or unexpected:
                 raise RuntimeError(f"missing {missing[:3]} unexpected {unexpected[:3]}")
             self.method.load_extra_state_dict(ckpt.get("method_extra", {}))
@@ -332,7 +333,7 @@ class Trainer:
         loader = build_eval_loader(self.cfg, self.eval_ds)
         result = evaluate(self.method.eval_model(), loader, device=self.device, progress=self.progress,
                           class_names=None, **eval_kwargs(self.cfg))
-        result.meta.update({"iteration": iteration, "method": self.cfg.method["name"], "config": self.cfg.name,
+        result.meta.update({"iteration": iteration, "method": self.cfg.method.name, "config": self.cfg.name,
                             "seed": self.cfg.train.seed, "eval_root": self.cfg.eval.data.root,
                             "eval_split": self.cfg.eval.data.split})
         if self.eval_note:
@@ -359,7 +360,7 @@ class Trainer:
             return
         unknown = [n for n in names if n not in self.optimizers]
         if unknown:
-            raise TrainingError(f"{self.cfg.method['name']}: no optimizer named {unknown} to step "
+            raise TrainingError(f"{self.cfg.method.name}: no optimizer named {unknown} to step "
                                 f"(have {sorted(self.optimizers)})")
         if self.manual_sync or (mid_step and self.world > 1):
             dist_utils.average_gradients([p for p in self._params_of(names) if p.requires_grad])
@@ -372,7 +373,7 @@ class Trainer:
             self._stepped.add(n)
 
     def _run_stage(self, losses: dict, step: tuple = ()) -> dict:
-        """The method's `end_stage`: backward now (staged, or when an optimizer must step before
+        """A step's `StepContext.end_stage`: backward now (staged, or when an optimizer must step before
         the next stage), then step the named optimizers and clear their gradients."""
         if not (self.staged or step):
             return losses
@@ -384,7 +385,7 @@ class Trainer:
 
     def step(self, batch: dict, it: int) -> tuple[dict, torch.Tensor]:
         """One training iteration on a device batch: schedules, forward + losses with a backward
-        per stage (see `UDAMethod.end_stage`), every optimizer not stepped yet, the method's
+        per stage (see `StepContext.end_stage`), every optimizer not stepped yet, the method's
         `after_step`. Returns the method's outputs and the summed loss (detached)."""
         module = self.ddp if self.ddp is not None else self.method
         self._stepped = set()
@@ -394,7 +395,7 @@ class Trainer:
         if self.manual_sync:
             dist_utils.broadcast_buffers(self.method)  # as DDP does before each forward
         with self._autocast():
-            out = module(batch, it)
+            out = module(batch, it, StepContext(self._run_stage))
         total = sum(v.detach().float() for k, v in out.items() if k.startswith("loss"))
         self._backward(out)
         self._step([n for n in self.optimizers if n not in self._stepped])

@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..optim import ScheduledOptimizer
 from ..errors import ConfigError
 from ..models.checkpoints import describe_mismatch, read_checkpoint
 from ..models.discriminator import FCDiscriminator
+from ..optim import ScheduledOptimizer
 from . import register_method
-from .base import MethodConfig, UDAMethod, segmentation_loss, upsample
-from .losses import self_information
-from .minent import OnlineRestyler, StyleConfig, nested_config
+from .base import SegmentationMethodConfig, StepContext, UDAMethod
+from .components.style import OnlineRestyler, StyleConfig
+from .losses import segmentation_loss, self_information, upsample
 
 SOURCE_LABEL = 0.0
 TARGET_LABEL = 1.0
@@ -80,7 +80,7 @@ def load_advent_discriminator(disc: FCDiscriminator, path: str, key: str) -> Non
 
 
 @dataclass
-class AdvEntConfig(MethodConfig):
+class AdvEntConfig(SegmentationMethodConfig):
     name: str = "advent"
     adv_weight_main: float = 0.001  # ADVENT LAMBDA_ADV_MAIN
     adv_weight_aux: float = 0.0002  # ADVENT LAMBDA_ADV_AUX
@@ -93,7 +93,6 @@ class AdvEntConfig(MethodConfig):
     style: StyleConfig = field(default_factory=StyleConfig)
 
     def __post_init__(self):
-        self.style = nested_config(self.style, StyleConfig, "method.style")
         if self.disc_width < 1:
             raise ConfigError(f"method.disc_width must be positive, got {self.disc_width}")
         if self.disc_lr <= 0:
@@ -101,19 +100,22 @@ class AdvEntConfig(MethodConfig):
         if len(self.disc_betas) != 2:
             raise ConfigError(f"method.disc_betas: expected [beta1, beta2], got {self.disc_betas}")
 
+    def check(self, cfg) -> None:
+        if self.discriminator_aux and not cfg.model.aux:
+            raise ConfigError("method.discriminator_aux is set but the model has no aux output (model.aux: false)")
+
 
 @register_method("advent")
 class AdvEnt(UDAMethod):
     Config = AdvEntConfig
 
-    def __init__(self, model, cfg, mcfg):
-        super().__init__(model, cfg, mcfg)
+    def __init__(self, model, cfg):
+        super().__init__(model, cfg)
+        mcfg = self.mcfg
         num_classes = cfg.model.num_classes
         self.disc_main = FCDiscriminator(num_classes, mcfg.disc_width)
         self.disc_aux = FCDiscriminator(num_classes, mcfg.disc_width) if cfg.model.aux else None
         self.restyler = OnlineRestyler(mcfg.style, cfg) if mcfg.style.mode == "online" else None
-        if mcfg.discriminator_aux and self.disc_aux is None:
-            raise ConfigError("method.discriminator_aux is set but the model has no aux output (model.aux: false)")
         # a resumed run then overwrites them with its checkpoint's discriminators
         for key, path, disc in (("method.discriminator_main", mcfg.discriminator_main, self.disc_main),
                                 ("method.discriminator_aux", mcfg.discriminator_aux, self.disc_aux)):
@@ -133,7 +135,7 @@ class AdvEnt(UDAMethod):
         optimizers["discriminator"] = ScheduledOptimizer(adam, optimizers["segmenter"].factor)
         return optimizers
 
-    def training_step(self, batch: dict, it: int) -> dict:
+    def training_step(self, batch: dict, it: int, ctx: StepContext) -> dict:
         if self.restyler is not None:
             batch = self.restyler(batch, it)
         src, tgt = batch["source"], batch["target"]
@@ -141,7 +143,7 @@ class AdvEnt(UDAMethod):
         size_s, size_t = src["image"].shape[-2:], tgt["image"].shape[-2:]
         # D only sees detached source maps: the source stage's graph can go before the target forward
         maps_s = {level: self_information(upsample(out_s[level].detach(), size_s)) for level in self.discriminators()}
-        losses = self.end_stage(segmentation_loss(out_s, src["label"], self.cfg.model.aux_weight))
+        losses = ctx.end_stage(segmentation_loss(out_s, src["label"], self.cfg.model.aux_weight))
         del out_s
         out_t = self.model(tgt["image"])
         weights = {"main": self.mcfg.adv_weight_main, "aux": self.mcfg.adv_weight_aux}

@@ -1,97 +1,112 @@
-"""The method interface and the losses every method shares."""
+"""The method interface.
+
+A method is a small object wrapping a plain segmenter (evaluation never needs to know which
+method trained it). It turns a batch into named losses, composes the adaptation components it
+uses (`components/`), owns its extra state (teachers, memory banks, discriminators, style nets)
+and declares its optimizers; the trainer owns backward and the optimizer steps.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..optim import ScheduledOptimizer, advent_repeated_backbone, build_optimizer, layer_decay_groups
-from ..models.resize import resize_bilinear
+from ..config import MethodConfig
+from ..optim import (ScheduledOptimizer, advent_repeated_backbone, build_optimizer, layer_decay_groups,
+                     poly_warmup_factor)
+from .components.augment import AugmentConfig, StrongAugment
+from .components.mic import MaskedImageConsistency, MICConfig
+from .components.teacher import PseudoLabels, TeacherConfig
 
-IGNORE_INDEX = 255
+MIC_RENAMED = {"mic_weight": "mic.weight", "mic_mask_ratio": "mic.mask_ratio", "mic_block_size": "mic.block_size",
+               "mic_augment": "mic.augment"}
 
 
 @dataclass
-class MethodConfig:
-    name: str = "source_only"
+class SegmentationMethodConfig(MethodConfig):
+    """Every method that trains the segmenter. Masked image consistency (`mic`) works on each:
+    with the method's own teacher when it has one, else with a teacher of MIC's made from
+    `teacher`; `augment` is the photometric augmentation of mixed and masked images."""
+
+    RENAMED: ClassVar[dict] = dict(MIC_RENAMED)
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mic: MICConfig = field(default_factory=MICConfig)
 
 
-def upsample(logits: torch.Tensor, size, align_corners: bool = True) -> torch.Tensor:
-    """Bilinear, in float32 (losses on full-resolution logits are float32 under AMP too);
-    align_corners=True is the ADVENT/DeepLab convention for training losses, False the mmseg
-    one (DACS/DAFormer/CONFETI). Equal to ``F.interpolate`` to float rounding, and on CPU
-    much faster in backward (see `models.resize`)."""
-    return resize_bilinear(logits, size, align_corners)
+class StepContext:
+    """What the trainer lends one training step.
 
+    `end_stage(losses, step=())` hands over a stage's losses: with staged backward on, the
+    trainer back-propagates their sum at once (that stage's activations are freed before the next
+    forward) and returns them detached, for logging; then it steps the optimizers named in `step`
+    (e.g. a discriminator the next stage must see updated). Without a trainer (a method's losses
+    unit-tested on their own) or with staging off and nothing to step, `losses` come back
+    unchanged and the step's one backward covers them. `pseudo_labels` is what a self-training
+    method's teacher gave this step, for the parts that run after it (MIC).
+    """
 
-CE_MEANS = ("valid", "all")
+    def __init__(self, run_stage: Optional[Callable[[dict, tuple], dict]] = None):
+        self._run_stage = run_stage
+        self.pseudo_labels: Optional[PseudoLabels] = None
 
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mean: str = "valid",
-                  align_corners: bool = True) -> torch.Tensor:
-    """CE of logits upsampled to label size. `mean='valid'`: over labelled pixels (ADVENT);
-    `'all'`: over all pixels, ignored ones counting zero (mmseg 0.x, DACS/DAFormer)."""
-    logits = upsample(logits, labels.shape[-2:], align_corners).float()
-    if mean == "valid":
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
-    if mean == "all":
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
-    raise ValueError(f"cross-entropy mean must be one of {CE_MEANS}, got {mean!r}")
-
-
-def segmentation_loss(outputs: dict, labels: torch.Tensor, aux_weight: float, prefix: str = "loss_seg",
-                      mean: str = "valid", align_corners: bool = True) -> dict:
-    """Cross-entropy on the main (and aux) logits upsampled to label size (see `cross_entropy`)."""
-    losses = {f"{prefix}_main": cross_entropy(outputs["main"], labels, mean, align_corners)}
-    if "aux" in outputs and aux_weight > 0:
-        losses[f"{prefix}_aux"] = aux_weight * cross_entropy(outputs["aux"], labels, mean, align_corners)
-    return losses
+    def end_stage(self, losses: dict, step: tuple = ()) -> dict:
+        if self._run_stage is None:
+            if step:
+                raise RuntimeError(f"stepping {tuple(step)} mid-iteration needs the trainer")
+            return losses
+        return self._run_stage(losses, tuple(step))
 
 
 class UDAMethod(nn.Module):
     """Base class. `self.model` is the plain segmenter that evaluation and export see.
 
-    Subclasses implement `training_step(batch, it) -> dict`: entries named
-    `loss*` are summed into the objective; other entries are detached tensors
-    that are only logged. A step may hand its losses over in stages with
-    `end_stage` (e.g. source, then target): the trainer runs backward on each
-    stage at once, so that stage's activations are freed before the next
-    forward; what is returned at the end is the last stage.
+    Subclasses implement `training_step(batch, it, ctx) -> dict`: entries named `loss*` are
+    summed into the objective; other entries are detached tensors that are only logged. A step
+    may hand its losses over in stages with `ctx.end_stage` (e.g. source, then target); what it
+    returns is the last stage. `forward` adds the MIC stage when `method.mic` is on.
     """
 
-    Config = MethodConfig
+    Config = SegmentationMethodConfig
     method_name = "base"
     uses_target = True  # does the trainer need to feed the unlabelled target stream?
     trains_segmenter = True  # False for pure style-transfer pre-training (no segmentation eval)
     find_unused_parameters = False  # for DDP
+    has_teacher = False  # True: the step publishes its teacher's pseudo-labels (ctx.pseudo_labels)
+    # checkpoint state keys of older versions -> today's (prefix renames), applied on resume
+    RENAMED_STATE: ClassVar[dict] = {}
 
-    def __init__(self, model: nn.Module, cfg, mcfg):
+    def __init__(self, model: nn.Module, cfg):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.mcfg = mcfg
+        self.mcfg = cfg.method
+        self.num_classes = cfg.model.num_classes
+        mic = getattr(self.mcfg, "mic", None)
+        self.mic = None
+        if mic is not None and mic.enabled:
+            self.mic = MaskedImageConsistency(
+                mic, StrongAugment(self.mcfg.augment), getattr(model, "normalization", None) or cfg.model.normalization,
+                cfg.model.aux_weight, self.align_corners,
+                student=None if self.has_teacher else model, teacher=None if self.has_teacher else self.mcfg.teacher)
 
-    # set by the trainer: runs backward on a stage's losses (and steps the optimizers it names)
-    stage_runner = None
+    @property
+    def align_corners(self) -> bool:
+        """How the losses upsample logits to label size: True is ADVENT's convention."""
+        return True
 
-    def forward(self, batch: dict, it: int) -> dict:  # DDP calls forward
-        return self.training_step(batch, it)
+    def forward(self, batch: dict, it: int, ctx: Optional[StepContext] = None) -> dict:  # DDP calls forward
+        ctx = StepContext() if ctx is None else ctx
+        losses = self.training_step(batch, it, ctx)
+        if self.mic is not None:
+            losses = ctx.end_stage(losses)  # the step's graph goes before the masked forward
+            losses.update(self.mic.losses(self.model, batch["target"]["image"], ctx.pseudo_labels))
+        return losses
 
-    def end_stage(self, losses: dict, step: tuple = ()) -> dict:
-        """Hand the trainer this stage's losses: with staged backward on, it back-propagates
-        their sum now and returns them detached (for logging); then it steps the optimizers
-        named in `step` (e.g. a discriminator that the next stage must see updated). Without a
-        trainer (direct calls), or with staging off and nothing to step, `losses` come back
-        unchanged and the step's one backward covers them."""
-        if self.stage_runner is None:
-            if step:
-                raise RuntimeError(f"{type(self).__name__}: stepping {step} mid-iteration needs the trainer")
-            return losses
-        return self.stage_runner(losses, tuple(step))
-
-    def training_step(self, batch: dict, it: int) -> dict:
+    def training_step(self, batch: dict, it: int, ctx: StepContext) -> dict:
         raise NotImplementedError
 
     # ----------------------------------------------------------- optimisation
@@ -110,6 +125,12 @@ class UDAMethod(nn.Module):
         """Name -> optimizer with schedule. Subclasses add their own (discriminators, style nets)."""
         return {"segmenter": build_optimizer(self.cfg.optim, self.segmenter_param_groups(), self.cfg.train.iters)}
 
+    def poly_factor(self) -> Callable[[int], float]:
+        """The segmenter's poly decay without its warm-up, for the optimizers of extra networks."""
+        o = self.cfg.optim
+        horizon = o.poly_iters or self.cfg.train.iters
+        return lambda it: poly_warmup_factor(it, horizon, o.poly_power)
+
     # ----------------------------------------------------------- hooks
     def stream_sampler(self, domain: str, dataset):
         """(sampler_cls, kwargs) for the 'source'/'target' stream, or None for the default
@@ -121,7 +142,9 @@ class UDAMethod(nn.Module):
 
     @torch.no_grad()
     def after_step(self, it: int) -> None:
-        """Called after the optimizers stepped (EMA teachers, memory banks)."""
+        """Called after the optimizers stepped (EMA teachers, memory banks); subclasses call super()."""
+        if self.mic is not None:
+            self.mic.after_step(it)
 
     def on_train_end(self, out_dir) -> None:
         """Called on the main process after the final checkpoint (e.g. export style-net weights)."""

@@ -34,12 +34,12 @@ from typing import Optional
 
 import torch
 
-from ..data.labels import CLASS_NAMES
-from ..utils import distributed as dist_utils
+from ..data.labels import CLASS_NAMES, IGNORE_INDEX
 from ..errors import ConfigError
 from ..models.heads import HEAD_KINDS, ProjectionHead
+from ..utils import distributed as dist_utils
 from . import register_method
-from .base import IGNORE_INDEX, segmentation_loss, upsample
+from .base import StepContext
 from .losses import (
     centroids_from_sums,
     class_mean_sums,
@@ -47,9 +47,11 @@ from .losses import (
     momentum_update_,
     nearest_prototype_labels,
     resize_labels,
+    segmentation_loss,
+    upsample,
     valid_prototypes,
 )
-from .minent import MinEnt, MinEntConfig, nested_config
+from .minent import MinEnt, MinEntConfig
 
 
 @dataclass
@@ -101,10 +103,6 @@ class CFContraConfig(MinEntConfig):
     name: str = "cfcontra"
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
 
-    def __post_init__(self):
-        super().__post_init__()
-        self.contrast = nested_config(self.contrast, ContrastConfig, "method.contrast")
-
 
 def scale_channels_by_norm(features: torch.Tensor) -> torch.Tensor:
     """(B, C, ...) features with each channel divided by its L2 norm over the batch and all
@@ -122,10 +120,9 @@ def _batch_to(batch: dict, device) -> dict:
 class CFContra(MinEnt):
     Config = CFContraConfig
 
-    def __init__(self, model, cfg, mcfg):
-        super().__init__(model, cfg, mcfg)
-        c = mcfg.contrast
-        self.num_classes = cfg.model.num_classes
+    def __init__(self, model, cfg):
+        super().__init__(model, cfg)
+        c = self.mcfg.contrast
         self.contrast_enabled = any(w > 0 for w in (c.weight_source, c.weight_target, c.weight_source_to_target,
                                                      c.weight_target_to_source))
         self.banks_ready = False  # checkpointed through extra_state_dict
@@ -279,6 +276,7 @@ class CFContra(MinEnt):
 
     @torch.no_grad()
     def after_step(self, it: int) -> None:
+        super().after_step(it)
         if self._pending is None:
             return
         sums, self._pending = self._pending, None
@@ -296,10 +294,10 @@ class CFContra(MinEnt):
         self.banks_ready = bool(state.get("banks_ready", False))
 
     # ------------------------------------------------------------------ step
-    def training_step(self, batch: dict, it: int) -> dict:
+    def training_step(self, batch: dict, it: int, ctx: StepContext) -> dict:
         c = self.mcfg.contrast
         if not self.contrast_enabled or it < c.start_iter:
-            return super().training_step(batch, it)
+            return super().training_step(batch, it, ctx)
         if not self.banks_ready:  # contrast switches on now (or a run resumed before it did)
             if self._init_data is None:
                 from ..data.datasets import build_dataset
@@ -326,7 +324,7 @@ class CFContra(MinEnt):
         losses.update(contrast([
             ("loss_con_source", c.weight_source, f_s, y_s, self.bank_source, valid_s),
             ("loss_con_source_to_target", c.weight_source_to_target, f_s, y_s, self.bank_target, valid_t)]))
-        losses = self.end_stage(losses)
+        losses = ctx.end_stage(losses)
         del out_s, f_s
 
         # target stage: entropy and the two terms on target features

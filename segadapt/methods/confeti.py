@@ -2,8 +2,8 @@
 segmenter, class prototypes built with cross-domain CAM weights, and
 pixel-to-prototype contrast, on DAFormer's self-training core.
 
-Stage 1, per iteration t (a backward per stage, see `end_stage`; detaches route each loss to
-its networks):
+Stage 1, per iteration t (a backward per stage, see `StepContext.end_stage`; detaches route each
+loss to its networks):
   1. x_s2t = G(x_s) keeps its graph to G; CUT's GAN + PatchNCE (+ identity) losses for
      G and F; D's halved LSGAN loss on the detached fake, by default (cut.d_step first, CUT's
      order) a stage of its own followed by D's step, before the GAN term, which sees the updated D;
@@ -17,35 +17,37 @@ its networks):
      projections reg_proj(proj(f(x_s2t))) and stopgrad(proj(f(x_s))), the segmenter and head frozen for
      this term (no gradient, running BatchNorm statistics untouched); reaches G and reg_proj;
   6. student on x_mix: pixel-weighted CE, CAM loss (after `cam_mix_start`), contrast;
-     (`mic`) then, a stage of its own, the student on the jittered, block-masked x_t: the
-     same weighted CE against the teacher's pseudo-labels of the unmasked x_t (see DACS);
-  7. target contrast: student on x_t with the teacher's pseudo-labels, scaled by q.
+  7. target contrast: student on x_t with the teacher's pseudo-labels, scaled by q;
+  (`mic`) then, a stage of its own, the student on the jittered, block-masked x_t: the same
+  weighted CE against the teacher's pseudo-labels of the unmasked x_t (see DACS).
 Stage 2: G from stage 1 frozen, a fresh segmenter, no consistency and no target contrast.
 The single-stage variant (the authors' later version) is stage 1 with its own settings.
+
+The teacher, ClassMix, rare class sampling, the feature distance (DAFormer's core, `SelfTraining`)
+and CUT (`components.cut`, section ``method.cut``) are components; this module holds CONFETI's own
+parts: the CAM head, the prototypes, the contrastive head and terms, the consistency.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..optim import ScheduledOptimizer, poly_warmup_factor
-from ..errors import ConfigError, TrainingError
-from ..models.cut import CUT_FILES, ResnetGenerator, from_cut_range, load_cut_weights, to_cut_range
+from ..errors import ConfigError
+from ..models.cut import from_cut_range, to_cut_range
+from ..optim import ScheduledOptimizer
 from . import register_method
-from .augment import present_classes
-from .cut import CUTSettings, build_cut_model, check_cut_settings, cut_losses, cut_optimizers, load_cut_folder
-from .feature_distance import feature_distance_mask, masked_feature_distance
+from .base import StepContext
+from .components.classmix import present_classes
+from .components.cut import CUTConfig, CUTStyleTransfer, frozen_generator
+from .components.teacher import is_stochastic_layer
 from .losses import resize_labels
-from .minent import nested_config
-from .self_training import DAFormer
-from .teacher import is_stochastic_layer
+from .self_training import DAFormerConfig, SelfTraining
 
 CONSISTENCY_MODES = ("frozen_student", "ema", "none")
 
@@ -227,16 +229,16 @@ class ContrastiveHead(nn.Module):
 
 # --------------------------------------------------------------------------- config
 @dataclass
-class ConfetiConfig(DAFormer.Config):
+class ConfetiConfig(DAFormerConfig):
+    RENAMED: ClassVar[dict] = {**DAFormerConfig.RENAMED, "stylizer": "cut.init", "stylizer_optimizer": "cut.optimizer",
+                               "stylizer_weight_decay": "cut.weight_decay", "stylizer_poly": "cut.poly"}
+
     name: str = "confeti"
-    stage: int = 1  # 1: CUT trained jointly (and the single-stage variant); 2: G frozen from `stylizer`
-    # stage 1: a CUT run folder (latest_net_G.pth, + D, F if there) or a G file to start from
-    # (None: random init); stage 2: the stage-1 run folder or its latest_net_G.pth (required)
-    stylizer: Optional[str] = None
-    cut: CUTSettings = field(default_factory=CUTSettings)
-    stylizer_optimizer: str = "adam"  # adam (CUT's, constant) | adamw (single-stage)
-    stylizer_weight_decay: float = 0.0
-    stylizer_poly: bool = False  # poly-decay the stylizer's rate with the segmenter's schedule
+    stage: int = 1  # 1: CUT trained jointly (and the single-stage variant); 2: G frozen from `cut.init`
+    # stage 1: CUT's G, D, F start from `cut.init` (a CUT run folder, or a G file; None: random
+    # init) and train with their own optimizers (cut.optimizer adam: CUT's, constant; adamw and
+    # cut.poly: the single stage); stage 2: `cut.init` is the stage-1 run folder or its G (required)
+    cut: CUTConfig = field(default_factory=CUTConfig)
     cam_weight: float = 1.0
     cam_mix_start: int = 2000  # CAM loss on the mixed batch for t > this
     proj_dim: int = 512
@@ -257,7 +259,7 @@ class ConfetiConfig(DAFormer.Config):
     target_contrast: bool = True  # stage 1: contrast on x_t with pseudo-labels, scaled by q
 
     def __post_init__(self):
-        self.cut = nested_config(self.cut, CUTSettings, "method.cut")
+        super().__post_init__()
         _check(self)  # at config load: a bad value fails before any data is read
 
 
@@ -273,12 +275,13 @@ class _FeatureView(nn.Module):
 
 
 @register_method("confeti")
-class Confeti(DAFormer):
+class Confeti(SelfTraining):
     Config = ConfetiConfig
     find_unused_parameters = True  # heads unused before their start iterations
+    RENAMED_STATE: ClassVar[dict] = {**SelfTraining.RENAMED_STATE, "generator.": "cut.G."}
 
-    def __init__(self, model, cfg, mcfg):
-        super().__init__(model, cfg, mcfg)
+    def __init__(self, model, cfg):
+        super().__init__(model, cfg)
         m = self.mcfg
         c = self.num_classes
         if m.proto_init == "random":
@@ -288,15 +291,8 @@ class Confeti(DAFormer):
             protos = torch.zeros(c, m.proj_dim)
         self.register_buffer("prototypes", protos)
         self.register_buffer("prototype_seen", torch.full((c,), m.proto_init == "random"))
-        if m.stage == 1:
-            self.cut = build_cut_model(m.cut)
-            if m.stylizer:
-                _load_stylizer_init(self.cut, Path(m.stylizer))
-        else:
-            self.cut = None
-            self.generator = ResnetGenerator(m.cut.ngf, m.cut.n_blocks)
-            load_cut_weights(G=self.generator, g_path=_stage1_generator_file(m.stylizer))
-            self.generator.requires_grad_(False).eval()
+        # stage 2: only G, frozen (checkpoint keys cut.G.* in both stages)
+        self.cut = CUTStyleTransfer(m.cut) if m.stage == 1 else _FrozenCUT(frozen_generator(m.cut))
 
     # ------------------------------------------------------------------ networks
     def build_heads(self) -> None:
@@ -312,17 +308,7 @@ class Confeti(DAFormer):
     @property
     def trains_stylizer(self) -> bool:
         """Stage 1 / single stage: G, D and F are trained with the segmenter."""
-        return self.cut is not None
-
-    @property
-    def G(self) -> nn.Module:
-        return self.cut.G if self.trains_stylizer else self.generator
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if not self.trains_stylizer:
-            self.generator.eval()  # stage 2: frozen, eval mode
-        return self
+        return self.mcfg.stage == 1
 
     def teacher_model(self):
         return self.teacher.ema["model"]
@@ -340,13 +326,7 @@ class Confeti(DAFormer):
     def build_optimizers(self) -> dict[str, ScheduledOptimizer]:
         opts = super().build_optimizers()
         if self.trains_stylizer:
-            m, o = self.mcfg, self.cfg.optim
-            horizon = o.poly_iters or self.cfg.train.iters
-
-            def factor(it: int) -> float:
-                return poly_warmup_factor(it, horizon, o.poly_power) if m.stylizer_poly else 1.0
-
-            opts.update(cut_optimizers(self.cut, m.cut, m.stylizer_optimizer, m.stylizer_weight_decay, factor))
+            opts.update(self.cut.optimizers(self.poly_factor()))
         return opts
 
     # ------------------------------------------------------------------ prototypes
@@ -417,34 +397,31 @@ class Confeti(DAFormer):
         return F.mse_loss(sim_b, sim_a.detach())
 
     # ------------------------------------------------------------------ step
-    def training_step(self, batch: dict, it: int) -> dict:
+    def training_step(self, batch: dict, it: int, ctx: StepContext) -> dict:
         m = self.mcfg
         src, tgt = batch["source"], batch["target"]
         x_s, y_s, x_t = src["image"], src["label"], tgt["image"]
-        if x_s.shape[-2:] != x_t.shape[-2:]:
-            raise TrainingError(f"confeti: source images are {tuple(x_s.shape[-2:])} (H, W) but target images "
-                                f"{tuple(x_t.shape[-2:])}; ClassMix needs equal sizes (set source.crop and "
-                                "target.crop to the same [W, H])")
+        self.check_sizes("confeti", x_s, x_t)
         losses: dict = {}
         # 1. stylise (and CUT's own losses when G trains)
         if self.trains_stylizer:
-            cut_step, fake = cut_losses(self, self.cut, to_cut_range(x_s), to_cut_range(x_t), m.cut.d_step)
+            cut_step, fake = self.cut.losses(ctx, to_cut_range(x_s), to_cut_range(x_t))
             losses.update(cut_step)
             x_s2t = from_cut_range(fake)
         else:
             with torch.no_grad():
-                x_s2t = from_cut_range(self.generator(to_cut_range(x_s)))
+                x_s2t = from_cut_range(self.cut.G(to_cut_range(x_s)))
         x_s2t_sg = x_s2t.detach()
 
         # 2. pseudo-labels and ClassMix of the stylised source onto the target
-        pseudo, weights, q = self.pseudo_labels(x_t)
-        images, labels, mix_weights, mask = self.mix_batch({"image": x_s2t_sg, "label": y_s}, x_t, pseudo, weights)
+        pseudo = ctx.pseudo_labels = self.pseudo_labels(x_t)
+        mixed = self.classmix(x_s2t_sg, y_s, x_t, pseudo)
 
         # 3. prototypes (no gradient)
-        losses["proto_classes_updated"] = self.update_prototypes(images, labels, mask, it).float()
+        losses["proto_classes_updated"] = self.update_prototypes(mixed.images, mixed.labels, mixed.mask, it).float()
         contrast_on = it > m.contrast_start
 
-        # 4. student on the stylised source: CE, CAM, contrast, feature distance
+        # 4. student on the stylised source: CE, CAM, contrast, feature distance to x_s's reference features
         out = self.model(x_s2t_sg, return_features=True)
         feat = out["features"]
         src_losses = self.source_ce(out, y_s)
@@ -452,42 +429,35 @@ class Confeti(DAFormer):
             src_losses["loss_cam_src"] = m.cam_weight * cam_loss(self.cam(feat), y_s)
         if contrast_on:
             src_losses.update(self.contrast_losses(feat, y_s, "src"))
-        if self.imagenet is not None:
-            with torch.no_grad():
-                ref = self.imagenet(x_s)
-                fd_mask = feature_distance_mask(y_s, feat.shape[-2:], self.fd_class_table, m.fd_min_ratio,
-                                                self.num_classes, self.model.feature_stride)
-            src_losses["loss_fd"] = m.fd_lambda * masked_feature_distance(feat, ref, fd_mask)
-        losses.update(self.end_stage(src_losses))  # the student's source graph goes now
+        if self.fd is not None:
+            src_losses.update(self.feature_distance(feat, x_s, y_s))
+        losses.update(ctx.end_stage(src_losses))  # the student's source graph goes now
         del out, feat
 
         # 5. prototypical semantic consistency (reaches G and reg_proj only)
         if self.trains_stylizer and self.reg_proj is not None and m.consistency_weight > 0 \
                 and it > m.consistency_start:
             losses["loss_consistency"] = m.consistency_weight * self.consistency_loss(x_s, x_s2t)
-        losses = self.end_stage(losses)  # G's losses and the consistency: G's graph goes now
+        losses = ctx.end_stage(losses)  # G's losses and the consistency: G's graph goes now
         del x_s2t
 
         # 6. student on the mixed batch
-        out_mix = self.model(images, return_features=True)
-        losses.update(self.pseudo_label_losses(out_mix, labels, mix_weights, "loss_mix_main", "loss_mix_aux"))
+        out_mix = self.model(mixed.images, return_features=True)
+        losses.update(self.pseudo_label_losses(out_mix, mixed.labels, mixed.weights, "loss_mix_main", "loss_mix_aux"))
         if m.cam_weight > 0 and it > m.cam_mix_start:
-            losses["loss_cam_mix"] = m.cam_weight * cam_loss(self.cam(out_mix["features"]), labels)
+            losses["loss_cam_mix"] = m.cam_weight * cam_loss(self.cam(out_mix["features"]), mixed.labels)
         if contrast_on:
-            losses.update(self.contrast_losses(out_mix["features"], labels, "mix"))
-        losses = self.end_stage(losses)
+            losses.update(self.contrast_losses(out_mix["features"], mixed.labels, "mix"))
+        losses = ctx.end_stage(losses)
         del out_mix
-        if m.mic:
-            losses.update(self.mic_losses(x_t, pseudo, weights))
-            losses = self.end_stage(losses)
 
         # 7. target contrast with the teacher's pseudo-labels, scaled by q
         if m.target_contrast and contrast_on:
             feat_t = self.model(x_t, return_features=True)["features"]
-            losses.update(self.contrast_losses(feat_t, pseudo, "tgt", scale=q))
+            losses.update(self.contrast_losses(feat_t, pseudo.labels, "tgt", scale=pseudo.confidence))
 
-        losses["pseudo_weight"] = q.detach()
-        losses["mix_source_fraction"] = mask.mean()
+        losses["pseudo_weight"] = pseudo.confidence.detach()
+        losses["mix_source_fraction"] = mixed.mask.mean()
         return losses
 
     # ------------------------------------------------------------------ hooks
@@ -498,49 +468,32 @@ class Confeti(DAFormer):
 
 
 # --------------------------------------------------------------------------- helpers
-def _load_stylizer_init(cut, path: Path) -> None:
-    if path.is_dir():
-        if not (path / CUT_FILES["G"]).is_file():
-            raise ConfigError(f"method.stylizer: {path} has no {CUT_FILES['G']} (pre-train one with "
-                              "`segadapt train -c <benchmark>/cut`)")
-        load_cut_folder(cut, path)
-    elif path.is_file():
-        load_cut_weights(G=cut.G, g_path=path)
-    else:
-        raise ConfigError(f"method.stylizer: {path} does not exist (a CUT run folder or a latest_net_G.pth)")
+class _FrozenCUT(nn.Module):
+    """Stage 2's style module: the stage-1 generator, frozen and always in eval mode."""
 
+    def __init__(self, generator: nn.Module):
+        super().__init__()
+        self.G = generator
 
-def _stage1_generator_file(stylizer: Optional[str]) -> Path:
-    """Stage 2's G: the stage-1 run folder's latest_net_G.pth, or a G file given directly."""
-    if not stylizer:
-        raise ConfigError("method.stylizer: CONFETI stage 2 needs the stage-1 run folder (or its "
-                          f"{CUT_FILES['G']}): method.stylizer=<runs/.../seedN>")
-    path = Path(stylizer)
-    if path.is_dir():
-        g = path / CUT_FILES["G"]
-        if not g.is_file():
-            raise ConfigError(f"method.stylizer: {path} has no {CUT_FILES['G']}: not a finished CONFETI "
-                              "stage-1 (or CUT) run")
-        return g
-    if not path.is_file():
-        raise ConfigError(f"method.stylizer: {path} does not exist (the stage-1 run folder or its "
-                          f"{CUT_FILES['G']})")
-    return path
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.G.eval()
+        return self
 
 
 def _check(m: ConfetiConfig) -> None:
     def bad(key, problem):
         raise ConfigError(f"method.{key}: {problem}")
 
-    check_cut_settings(m.cut, "method.cut.")
     if m.stage not in (1, 2):
         bad("stage", f"must be 1 or 2, got {m.stage}")
     if m.consistency not in CONSISTENCY_MODES:
         bad("consistency", f"'{m.consistency}' is not one of {', '.join(CONSISTENCY_MODES)}")
     if m.stage == 2 and m.consistency != "none":
         bad("consistency", "stage 2 freezes G, so the consistency loss (which trains G) must be 'none'")
-    if m.stylizer_optimizer not in ("adam", "adamw"):
-        bad("stylizer_optimizer", f"'{m.stylizer_optimizer}' is not one of adam, adamw")
+    if m.stage == 2 and not m.cut.init:
+        bad("cut.init", "CONFETI stage 2 needs the stage-1 run folder (or its latest_net_G.pth): "
+                        "method.cut.init=<runs/.../seedN>")
     if m.proto_init not in ("zeros", "random"):
         bad("proto_init", f"'{m.proto_init}' is not one of zeros, random")
     for key in ("proj_dim", "proto_topk", "contrast_pixels"):
@@ -555,6 +508,6 @@ def _check(m: ConfetiConfig) -> None:
             bad(key, f"must be > 0, got {getattr(m, key)}")
     if m.consistency_temperature is not None and m.consistency_temperature <= 0:
         bad("consistency_temperature", f"must be > 0 or null, got {m.consistency_temperature}")
-    for key in ("cam_weight", "contrast_weight", "reg_weight", "consistency_weight", "stylizer_weight_decay"):
+    for key in ("cam_weight", "contrast_weight", "reg_weight", "consistency_weight"):
         if getattr(m, key) < 0:
             bad(key, f"must be >= 0, got {getattr(m, key)}")

@@ -1,4 +1,10 @@
-"""Losses and feature statistics shared by the UDA methods.
+"""Losses and feature statistics shared by the UDA methods and their components.
+
+Segmentation (every method):
+    upsample(logits, size, align_corners)             bilinear to label size, float32
+    cross_entropy(logits, labels, mean, align_corners) CE over labelled pixels or all pixels
+    segmentation_loss(outputs, labels, aux_weight)    CE of the main (and aux) logits
+    weighted_cross_entropy(logits, labels, weights)   pixel-weighted CE (pseudo-labels)
 
 Entropy (MinEnt, AdvEnt):
     self_information(logits)   -p log p / log C per class          (B, C, H, W)
@@ -28,6 +34,57 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.labels import IGNORE_INDEX
+from ..models.resize import resize_bilinear
+
+
+# --------------------------------------------------------------------------- segmentation
+def upsample(logits: Tensor, size, align_corners: bool = True) -> Tensor:
+    """Bilinear, in float32 (losses on full-resolution logits are float32 under AMP too);
+    align_corners=True is the ADVENT/DeepLab convention for training losses, False the mmseg
+    one (DACS/DAFormer/CONFETI). Equal to ``F.interpolate`` to float rounding, and on CPU
+    much faster in backward (see `models.resize`)."""
+    return resize_bilinear(logits, size, align_corners)
+
+
+CE_MEANS = ("valid", "all")
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, mean: str = "valid", align_corners: bool = True) -> Tensor:
+    """CE of logits upsampled to label size. `mean='valid'`: over labelled pixels (ADVENT);
+    `'all'`: over all pixels, ignored ones counting zero (mmseg 0.x, DACS/DAFormer)."""
+    logits = upsample(logits, labels.shape[-2:], align_corners).float()
+    if mean == "valid":
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    if mean == "all":
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
+    raise ValueError(f"cross-entropy mean must be one of {CE_MEANS}, got {mean!r}")
+
+
+def segmentation_loss(outputs: dict, labels: Tensor, aux_weight: float, prefix: str = "loss_seg",
+                      mean: str = "valid", align_corners: bool = True) -> dict:
+    """Cross-entropy on the main (and aux) logits upsampled to label size (see `cross_entropy`)."""
+    losses = {f"{prefix}_main": cross_entropy(outputs["main"], labels, mean, align_corners)}
+    if "aux" in outputs and aux_weight > 0:
+        losses[f"{prefix}_aux"] = aux_weight * cross_entropy(outputs["aux"], labels, mean, align_corners)
+    return losses
+
+
+def weighted_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor, align_corners: bool = False) -> Tensor:
+    """Mean over all pixels of weight * CE (ignored pixels contribute 0), DACS/DAFormer's normalisation;
+    logits upsampled as mmseg's decode head does (align_corners=False)."""
+    ce = F.cross_entropy(upsample(logits, labels.shape[-2:], align_corners).float(), labels,
+                         ignore_index=IGNORE_INDEX, reduction="none")
+    return (ce * weights).mean()
+
+
+def pseudo_label_losses(outputs: dict, labels: Tensor, weights: Tensor, aux_weight: float, main_key: str,
+                        aux_key: str, scale: float = 1.0, align_corners: bool = False) -> dict:
+    """`scale` x the pixel-weighted CE of the main output (and aux_weight x it of the aux one)."""
+    losses = {main_key: scale * weighted_cross_entropy(outputs["main"], labels, weights, align_corners)}
+    if "aux" in outputs and aux_weight > 0:
+        losses[aux_key] = scale * aux_weight * weighted_cross_entropy(outputs["aux"], labels, weights,
+                                                                      align_corners)
+    return losses
 
 
 # --------------------------------------------------------------------------- entropy

@@ -127,6 +127,12 @@ class ResnetGenerator(nn.Module):
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ch, out_channels, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
+    @staticmethod
+    def num_layers(n_blocks: int) -> int:
+        """len(model) for `n_blocks` (stem 4, two downs of 4, the blocks, two ups of 4, head 3),
+        without building it (config checks must not draw from the RNG)."""
+        return 4 + 2 * 4 + n_blocks + 2 * 4 + 3
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 

