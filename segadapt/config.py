@@ -517,16 +517,16 @@ def migrate_renamed_keys(method: dict) -> dict:
     out: dict = {}
     for k, v in method.items():
         rule = cls.RENAMED.get(k)
-        if rule is None:
-            out[k] = v if not isinstance(v, dict) else {**out.get(k, {}), **v}
-            continue
-        new_key, value = (rule, v) if isinstance(rule, str) else (rule[0], rule[1](v))
+        new_key, value = (k, v) if rule is None else (rule, v) if isinstance(rule, str) else (rule[0], rule[1](v))
         node = out
         *parents, leaf = new_key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
-        if isinstance(value, dict):
-            node.setdefault(leaf, {}).update(value)
+            node[part] = _as_section(node.get(part, {}), {})
+            node = node[part]
+        if leaf in node:
+            node[leaf], value = _as_section(node[leaf], value), _as_section(value, node[leaf])
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf].update(value)
         else:
             node[leaf] = value
     return out

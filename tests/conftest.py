@@ -7,7 +7,10 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-CITYSCAPES_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cityscapes_sample"
+# the real Cityscapes frame beside the checkout (../shared), or where the workplace keeps it
+CITYSCAPES_SAMPLE = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "data" / "cityscapes_sample",
+                                      Path("/work/shared/data/cityscapes_sample")) if p.is_dir()),
+                         Path("/work/shared/data/cityscapes_sample"))
 
 # a tiny benchmark and a tiny model: every training test runs in seconds
 TINY_SYNTH = dict(seed=0, size=(64, 32), num_source=16, num_source_val=4, num_target_train=8, num_target_val=4)

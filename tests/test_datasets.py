@@ -14,7 +14,9 @@ from segadapt.data.datasets import build_dataset
 from segadapt.data.labels import cityscapes_lut, map_labels
 from segadapt.errors import ConfigError, DatasetError
 
-SAMPLE = Path("/work/shared/data/cityscapes_sample")
+from .conftest import CITYSCAPES_SAMPLE
+
+SAMPLE = CITYSCAPES_SAMPLE  # the real frame
 FRAME = "frankfurt/frankfurt_000000_000294"
 
 
