@@ -34,7 +34,9 @@ class DatasetConfig:
     # mmseg's Resize(keep_ratio=True): one factor, long side to the long side of `resize`, short
     # to short (GTA5's 1914x1052 at [1280, 720] becomes 1280x704)
     resize_keep_ratio: bool = False
-    resize_interpolation: str = "bicubic"  # bicubic | bilinear (mmcv's default)
+    # bicubic (Pillow's, as ADVENT) | bilinear (mmcv's: OpenCV's INTER_LINEAR without antialiasing,
+    # labels INTER_NEAREST; bit-exact) | pil_bilinear (Pillow's antialiased bilinear, older versions')
+    resize_interpolation: str = "bicubic"
     crop: Optional[list[int]] = None  # [W, H]
     # mmseg RandomCrop: re-draw (up to 10 times) while one class covers >= this share of the
     # crop's labelled pixels or it holds a single class; 1.0 = off
@@ -205,6 +207,9 @@ class MethodConfig:
     REGISTRY: ClassVar = METHODS
     # old key -> new dotted key (relative to `method.`), for configs stored in older checkpoints
     RENAMED: ClassVar[dict] = {}
+    # dotted key -> the value it had before its default changed (checkpoint format < 3), for
+    # stored configs that lack the key: an older run resumes as it started
+    OLD_DEFAULTS: ClassVar[dict] = {}
 
     name: str = "source_only"
 
@@ -532,30 +537,63 @@ def migrate_renamed_keys(method: dict) -> dict:
     return out
 
 
-def _migrate_stored_config(base: dict) -> dict:
-    """A config stored by an older version (in a checkpoint): renamed method keys moved, and the
-    unused decode-head default that older versions recorded for DeepLabV2 models dropped."""
+# checkpoint format of the configs this version writes (engine.checkpoint.VERSION follows it)
+CONFIG_FORMAT = 3
+
+
+def _migrate_stored_config(base: dict, version: int) -> dict:
+    """A config stored by an older version (checkpoint format `version`): renamed method keys
+    moved; before format 3 the keys whose defaults changed get their old values where the stored
+    config lacks them, and mmcv-style `bilinear` resizing meant Pillow's (`pil_bilinear`); the
+    unused decode-head default older versions recorded for DeepLabV2 models is dropped."""
     base = dict(base)
     if isinstance(base.get("method"), dict):
         base["method"] = migrate_renamed_keys(base["method"])
+        if version < 3:
+            base["method"] = _with_old_defaults(base["method"])
+    if version < 3:
+        for key in ("source", "target"):
+            base[key] = _pil_bilinear(base.get(key))
+        if isinstance(base.get("eval"), dict):
+            base["eval"] = {**base["eval"], "data": _pil_bilinear(base["eval"].get("data"))}
     model = base.get("model")
     if isinstance(model, dict) and model.get("arch") == "deeplabv2" and model.get("decode_head") == "daformer":
         base["model"] = {k: v for k, v in model.items() if k != "decode_head"}
     return base
 
 
+def _pil_bilinear(section):
+    if isinstance(section, dict) and section.get("resize_interpolation") == "bilinear":
+        return {**section, "resize_interpolation": "pil_bilinear"}
+    return section
+
+
+def _with_old_defaults(method: dict) -> dict:
+    cls = METHODS.get(str(method.get("name")), "method.name").Config
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in method.items()}
+    for dotted, value in cls.OLD_DEFAULTS.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for part in parents:
+            node[part] = _as_section(node.get(part, {}), {})
+            node = node[part]
+        node.setdefault(leaf, value)
+    return out
+
+
 def load_config(
-    path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None
+    path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None,
+    base_version: int = CONFIG_FORMAT,
 ) -> Config:
     """Load a config (file path or packaged name), apply overrides, validate.
 
-    `base` (a plain dict, e.g. the config stored in a checkpoint, possibly by an older version)
-    is used instead of a file when given.
+    `base` (a plain dict, e.g. the config stored in a checkpoint of format `base_version`,
+    possibly older) is used instead of a file when given.
     """
     origins = _Origins()
     tree = _deep_defaults()
     if base is not None:
-        _merge(tree, _migrate_stored_config(base), "checkpoint config", origins)
+        _merge(tree, _migrate_stored_config(base, base_version), "checkpoint config", origins)
     if path is not None:
         _merge(tree, _load_tree(resolve_config_path(path), origins), None, origins)
     if overrides:

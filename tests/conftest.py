@@ -93,7 +93,7 @@ def load_eager_segmenter(run_dir):
     from segadapt.models.segmenter import build_segmenter
 
     ckpt = torch.load(Path(run_dir) / "final.pth", map_location="cpu", weights_only=False)
-    model = build_segmenter(load_config(None, base=ckpt["config"]).model)
+    model = build_segmenter(load_config(None, base=ckpt["config"], base_version=ckpt["version"]).model)
     model.load_state_dict(ckpt["model"])
     return model.eval()
 

@@ -237,7 +237,9 @@ def test_consistency_compares_raw_projections(tiny_synth, tmp_path):
 
 @pytest.mark.parametrize("config", ["synthetic/confeti_stage1", "synthetic/confeti_single"])
 def test_consistency_reaches_only_generator_and_reg_proj(tiny_synth, tmp_path, config):
-    method = Trainer(_cfg(tiny_synth, tmp_path / "run", config), progress=False).method
+    # consistency_bn frozen: the running statistics too stay untouched (the reference updates them)
+    method = Trainer(_cfg(tiny_synth, tmp_path / "run", config, **{"method.consistency_bn": "frozen"}),
+                     progress=False).method
     method.train()
     torch.manual_seed(0)
     method.prototypes.copy_(F.normalize(torch.randn_like(method.prototypes), dim=1))

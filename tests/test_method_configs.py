@@ -164,14 +164,14 @@ def test_old_checkpoint_configs_migrate():
     old = load_config("synthetic/daformer").to_dict()
     old["method"] = OLD_DAFORMER_METHOD
     old["model"]["decode_head"] = "daformer"  # older versions recorded the unused default for ResNets
-    cfg = load_config(None, base=old)
+    cfg = load_config(None, base=old, base_version=1)
     assert cfg.method.fd == FDConfig(enabled=False, weight=0.0, classes=[6, 7])
     assert cfg.method.rcs.min_pixels == 50 and cfg.method.mic.block_size == 16 and cfg.method.teacher.alpha == 0.99
     assert cfg.model.decode_head is None
     # and a CUT pre-training section written flat
     cut = load_config("synthetic/cut").to_dict()
     cut["method"] = {"name": "cut", "ngf": 8, "init_from": None, "d_step": "joint"}
-    got = load_config(None, base=cut).method.cut
+    got = load_config(None, base=cut, base_version=1).method.cut
     assert (got.ngf, got.init, got.d_step) == (8, None, "joint")
 
 
@@ -197,7 +197,11 @@ def test_version_1_checkpoint_resumes_with_renamed_state(tiny_synth, tmp_path):
     torch.save(ckpt, out / "last.pth")
     assert main(["train", "--no-progress", "--resume", str(out), "train.iters=4"]) == 0
     final = torch.load(out / "final.pth", weights_only=False)
-    assert final["iteration"] == 4 and final["version"] == 2
+    assert final["iteration"] == 4 and final["version"] == 3
+    # a format-1 run continues with the defaults it started with (those that changed since)
+    method = final["config"]["method"]
+    assert method["mix"]["classes"] == "image" and method["augment"]["jitter"] == "kornia_0.6"
+    assert method["teacher"]["scale_ignored_rows"] is True
     # the frozen ImageNet copy came back under its new keys (and, frozen, is unchanged)
     assert all(torch.equal(final["method"][k], v) for k, v in frozen.items())
     assert final["config"]["method"]["fd"]["enabled"] is True

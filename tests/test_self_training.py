@@ -193,7 +193,9 @@ def test_confidence_weight_and_row_mask():
     assert w.shape == (2, 512, 3)
     assert (w[:, :15] == 0).all() and (w[:, 392:] == 0).all()
     assert (w[:, 15:392] == 0.5).all()
-    w = pseudo_weight_map(torch.tensor(0.5), (1, 256, 2), 15, 120)  # scaled: 7.5 -> 8 rows, 60 rows
+    w = pseudo_weight_map(torch.tensor(0.5), (1, 256, 2), 15, 120)  # literal, as the reference
+    assert (w[0, :, 0] == 0).nonzero().flatten().tolist() == list(range(15)) + list(range(136, 256))
+    w = pseudo_weight_map(torch.tensor(0.5), (1, 256, 2), 15, 120, scaled=True)  # 7.5 -> 8 rows, 60 rows
     assert (w[0, :, 0] == 0).nonzero().flatten().tolist() == list(range(8)) + list(range(196, 256))
     w = pseudo_weight_map(torch.tensor(0.25), (1, 32, 2), 0, 0)
     assert (w == 0.25).all()

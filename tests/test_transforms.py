@@ -134,6 +134,7 @@ def test_dataset_keep_ratio_bilinear_resize(tmp_path):
     from PIL import Image
 
     from segadapt.data.datasets import build_dataset
+    from segadapt.data.transforms import resize_cv2_linear
 
     from .test_datasets import cfg, save
 
@@ -143,7 +144,11 @@ def test_dataset_keep_ratio_bilinear_resize(tmp_path):
     ds = build_dataset(cfg("gta5", tmp_path, resize=[12, 12], resize_keep_ratio=True, resize_interpolation="bilinear"))
     item = ds[0]
     assert item["image"].shape == (3, 8, 12) and item["label"].shape == (8, 12)  # 30x20 -> 12x8
+    # mmcv's resize: OpenCV's INTER_LINEAR, no antialiasing
+    assert torch.equal(item["image"], T.to_tensor(resize_cv2_linear(img, 12, 8)))
+    pil = build_dataset(cfg("gta5", tmp_path, resize=[12, 12], resize_keep_ratio=True,
+                            resize_interpolation="pil_bilinear"))[0]
     expected = np.asarray(Image.fromarray(img).resize((12, 8), Image.BILINEAR))
-    assert torch.equal(item["image"], T.to_tensor(expected))
+    assert torch.equal(pil["image"], T.to_tensor(expected))
     with pytest.raises(Exception, match="resize_interpolation"):
         build_dataset(cfg("gta5", tmp_path, resize=[12, 12], resize_interpolation="lanczos"))

@@ -31,6 +31,7 @@ from segadapt.data.transforms import (
     random_hflip,
     resize_image,
     resize_label,
+    resize_label_cv2_nearest,
     to_tensor,
 )
 from segadapt.errors import ConfigError, DatasetError
@@ -394,7 +395,9 @@ class SegDataset(torch.utils.data.Dataset):
             size = keep_ratio_size(image.shape[1::-1], self.resize) if self.resize_keep_ratio else self.resize
             image = resize_image(image, size, self.resize_interpolation)
             if label is not None and not self.keep_label_size:
-                label = resize_label(label, size)
+                # mmcv resizes label maps with OpenCV's nearest neighbour, ADVENT with Pillow's
+                cv2_like = self.resize_interpolation == "bilinear"
+                label = resize_label_cv2_nearest(label, size) if cv2_like else resize_label(label, size)
         if self.cache:
             for a in (image, label):
                 if a is not None:

@@ -33,15 +33,69 @@ def _wh(size: Sequence[int]) -> Tuple[int, int]:
 # --------------------------------------------------------------------------- geometry
 
 
-INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+# bicubic: Pillow's (ADVENT's resize); bilinear: mmcv's imresize, i.e. OpenCV's INTER_LINEAR
+# (no antialiasing; labels INTER_NEAREST); pil_bilinear: Pillow's antialiased bilinear
+INTERPOLATIONS = ("bicubic", "bilinear", "pil_bilinear")
+_PIL_FILTERS = {"bicubic": Image.BICUBIC, "pil_bilinear": Image.BILINEAR}
+_COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS: fixed-point weights scaled by 2048
+
+
+def _cv2_linear_taps(src: int, dst: int, columns: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """OpenCV's INTER_LINEAR source indices and fixed-point weight pair per output pixel along one
+    axis: half-pixel centres, weights rounded to 1/2048. Beyond the border, columns take the edge
+    pixel's weight whole; rows keep their weights on the edge row twice (OpenCV does both)."""
+    f = ((np.arange(dst) + 0.5) * (src / dst) - 0.5).astype(np.float32)
+    i = np.floor(f).astype(np.int64)
+    f = f - i.astype(np.float32)
+    if columns:
+        f[(i < 0) | (i >= src - 1)] = 0.0
+        i = np.clip(i, 0, src - 1)
+    w1 = np.rint(f * (1 << _COEF_BITS)).astype(np.int64)
+    w0 = np.rint((np.float32(1.0) - f) * (1 << _COEF_BITS)).astype(np.int64)
+    return np.stack([np.clip(i, 0, src - 1), np.clip(i + 1, 0, src - 1)]), np.stack([w0, w1])
+
+
+def resize_cv2_linear(image: np.ndarray, w: int, h: int) -> np.ndarray:
+    """cv2.resize(image, (w, h), interpolation=INTER_LINEAR) for uint8 images, in its integer
+    arithmetic: rows then columns in fixed point, and the vectorised rounding
+    ((a >> 4) * b >> 16, summed, + 2 >> 2). An exact halving in both sides is INTER_AREA's 2 x 2
+    mean, as OpenCV switches to it."""
+    h_in, w_in = image.shape[:2]
+    img = image.astype(np.int64)
+    if w_in == 2 * w and h_in == 2 * h:
+        s = img[0::2, 0::2] + img[0::2, 1::2] + img[1::2, 0::2] + img[1::2, 1::2]
+        return ((s + 2) >> 2).astype(np.uint8)
+    (x0, x1), (a0, a1) = _cv2_linear_taps(w_in, w, columns=True)
+    (y0, y1), (b0, b1) = _cv2_linear_taps(h_in, h, columns=False)
+    shape = (1, -1) + (1,) * (img.ndim - 2)
+    horizontal = img[:, x0] * a0.reshape(shape) + img[:, x1] * a1.reshape(shape)  # values * 2048
+    top, bottom = horizontal[y0] >> 4, horizontal[y1] >> 4
+    col = (-1,) + (1,) * (img.ndim - 1)
+    out = ((top * b0.reshape(col)) >> 16) + ((bottom * b1.reshape(col)) >> 16)
+    return np.clip((out + 2) >> 2, 0, 255).astype(np.uint8)
 
 
 def resize_image(image: np.ndarray, size: Sequence[int], interpolation: str = "bicubic") -> np.ndarray:
-    """Resize of an (H, W, 3) uint8 image to ``size`` = (W, H), bicubic (default) or bilinear."""
+    """Resize of an (H, W, 3) uint8 image to ``size`` = (W, H): Pillow's bicubic (default, ADVENT),
+    OpenCV's bilinear as mmcv runs it (``bilinear``), or Pillow's antialiased bilinear."""
     w, h = _wh(size)
     if image.shape[1] == w and image.shape[0] == h:
         return image
-    return np.asarray(Image.fromarray(image).resize((w, h), INTERPOLATIONS[interpolation]))
+    if interpolation == "bilinear":
+        return resize_cv2_linear(image, w, h)
+    return np.asarray(Image.fromarray(image).resize((w, h), _PIL_FILTERS[interpolation]))
+
+
+def resize_label_cv2_nearest(label: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """cv2.resize(label, size, interpolation=INTER_NEAREST), as mmcv resizes label maps: output
+    pixel x takes source pixel floor(x * W_in / W_out) (no half-pixel centre)."""
+    w, h = _wh(size)
+    h_in, w_in = label.shape[:2]
+    if w_in == w and h_in == h:
+        return label
+    ys = np.minimum(np.floor(np.arange(h) * (h_in / h)).astype(np.int64), h_in - 1)
+    xs = np.minimum(np.floor(np.arange(w) * (w_in / w)).astype(np.int64), w_in - 1)
+    return label[ys[:, None], xs[None, :]]
 
 
 def keep_ratio_size(image_wh: Sequence[int], scale: Sequence[int]) -> Tuple[int, int]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import CONFIG_FORMAT
 from ..errors import CheckpointError
 
 FORMAT = "segadapt"
-# 2: method sections typed, components under their own keys (fd.imagenet.*, CONFETI stage 2's cut.G.*)
-VERSION = 2
+# 2: method sections typed, components under their own keys (fd.imagenet.*, CONFETI stage 2's cut.G.*);
+# 3: reference defaults for ClassMix, colour jitter, ignored rows, CONFETI's CAM bias, mmcv resizing
+VERSION = CONFIG_FORMAT
 
 
 def rename_state_keys(state: dict, renamed: dict) -> dict:

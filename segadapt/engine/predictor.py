@@ -76,7 +76,7 @@ def load_segmenter(checkpoint: str | os.PathLike, config: Optional[str] = None,
     memory banks) is ignored; a checkpoint's `eval_model` weights (the
     segmenter its evaluation used, e.g. an EMA teacher) win over `model`.
     """
-    from ..config import load_config
+    from ..config import CONFIG_FORMAT, load_config
     from ..models.checkpoints import extract_state_dict, load_state_dict_checked, read_checkpoint
     from ..models.segmenter import build_segmenter
     from .checkpoint import FORMAT
@@ -86,7 +86,8 @@ def load_segmenter(checkpoint: str | os.PathLike, config: Optional[str] = None,
     stored = obj.get("config") if isinstance(obj, Mapping) and obj.get("format") == FORMAT else None
     if config is None and stored is None:
         raise CheckpointError(f"{path} holds no segadapt config: pass --config for its model")
-    cfg = load_config(config, list(overrides), base=stored if config is None else None)
+    cfg = load_config(config, list(overrides), base=stored if config is None else None,
+                      base_version=int(obj.get("version", 1)) if stored is not None else CONFIG_FORMAT)
     if stored is not None and isinstance(obj.get("eval_model"), Mapping):
         # the weights that were evaluated (e.g. an EMA teacher), when the run saved them apart
         obj = {**obj, "model": obj["eval_model"]}

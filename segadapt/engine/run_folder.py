@@ -184,9 +184,9 @@ def resume_config(resume: str, overrides: list[str], config: Optional[str], defa
         path = Path(resume)
         path = path / "last.pth" if path.is_dir() else path
     ckpt = load_checkpoint(path)
-    ckpt_cfg, ckpt_iter = ckpt["config"], int(ckpt["iteration"])
+    ckpt_cfg, ckpt_iter, version = ckpt["config"], int(ckpt["iteration"]), int(ckpt.get("version", 1))
     del ckpt
-    recorded = load_config(None, [], base=ckpt_cfg)
+    recorded = load_config(None, [], base=ckpt_cfg, base_version=version)
     if given is not None and config is not None:
         if given.method.name != recorded.method.name:
             raise ConfigError(f"checkpoint {path} was trained with method '{recorded.method.name}', "
@@ -197,7 +197,7 @@ def resume_config(resume: str, overrides: list[str], config: Optional[str], defa
     if not out_given and Path(recorded.out_dir).resolve() != path.resolve().parent:
         # the run continues in the folder its checkpoint is in (it may have been moved)
         overrides = [*overrides, f"out_dir={path.resolve().parent}"]
-    cfg = load_config(None, overrides, base=ckpt_cfg)
+    cfg = load_config(None, overrides, base=ckpt_cfg, base_version=version)
     before, after = _flat(recorded.to_dict()), _flat(cfg.to_dict())
     for key in sorted(set(before) | set(after)):
         if before.get(key) == after.get(key) or key in RESUME_MAY_CHANGE:

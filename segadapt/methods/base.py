@@ -31,6 +31,8 @@ class SegmentationMethodConfig(MethodConfig):
     `teacher`; `augment` is the photometric augmentation of mixed and masked images."""
 
     RENAMED: ClassVar[dict] = dict(MIC_RENAMED)
+    OLD_DEFAULTS: ClassVar[dict] = {"teacher.scale_ignored_rows": True, "augment.jitter": "kornia_0.6",
+                                    "augment.jitter_order": "fixed"}
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

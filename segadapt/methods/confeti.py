@@ -43,6 +43,7 @@ from ..models.cut import from_cut_range, to_cut_range
 from ..optim import ScheduledOptimizer
 from . import register_method
 from .base import StepContext
+from .components.augment import AugmentConfig
 from .components.classmix import present_classes
 from .components.cut import CUTConfig, CUTStyleTransfer, frozen_generator
 from .components.teacher import is_stochastic_layer
@@ -232,8 +233,11 @@ class ContrastiveHead(nn.Module):
 class ConfetiConfig(DAFormerConfig):
     RENAMED: ClassVar[dict] = {**DAFormerConfig.RENAMED, "stylizer": "cut.init", "stylizer_optimizer": "cut.optimizer",
                                "stylizer_weight_decay": "cut.weight_decay", "stylizer_poly": "cut.poly"}
+    OLD_DEFAULTS: ClassVar[dict] = {**DAFormerConfig.OLD_DEFAULTS, "cam_bias": True, "consistency_bn": "frozen"}
 
     name: str = "confeti"
+    # CONFETI pins kornia 0.6.7: its ColorJitter is torchvision's
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(jitter="kornia_0.6"))
     stage: int = 1  # 1: CUT trained jointly (and the single-stage variant); 2: G frozen from `cut.init`
     # stage 1: CUT's G, D, F start from `cut.init` (a CUT run folder, or a G file; None: random
     # init) and train with their own optimizers (cut.optimizer adam: CUT's, constant; adamw and
@@ -247,7 +251,7 @@ class ConfetiConfig(DAFormerConfig):
     proto_topk: int = 32
     proto_momentum: float = 0.999  # a = 1 - momentum after a class's first update
     cross_domain_start: int = 3000  # prototypes: source pixels, uniform weights up to t; CAM weights after
-    contrast_start: int = 3000
+    contrast_start: int = 3000  # source and target contrast for t > this, the mix contrast for t >= this (reference)
     contrast_weight: float = 0.5
     contrast_temperature: float = 0.1
     contrast_pixels: int = 4096
@@ -255,7 +259,11 @@ class ConfetiConfig(DAFormerConfig):
     consistency: str = "frozen_student"  # frozen_student | ema (single stage) | none (stage 2)
     consistency_weight: float = 0.1
     consistency_temperature: Optional[float] = None  # ema mode: both sides L2-normalised and / 0.1
-    consistency_start: int = 0  # on for t > this (single stage: 1000)
+    consistency_start: int = 0  # on for t >= this (reference: from t = 0; single stage: t > 1000, i.e. 1001)
+    # the frozen student's consistency forward: update (reference: its BatchNorm running statistics
+    # move with both images) | frozen (running statistics left as they are)
+    consistency_bn: str = "update"
+    cam_bias: bool = False  # the CAM head's 1x1 conv: no bias (reference); true for older checkpoints
     target_contrast: bool = True  # stage 1: contrast on x_t with pseudo-labels, scaled by q
 
     def __post_init__(self):
@@ -297,7 +305,7 @@ class Confeti(SelfTraining):
     # ------------------------------------------------------------------ networks
     def build_heads(self) -> None:
         m, ch = self.mcfg, self.model.feature_channels
-        self.cam = nn.Conv2d(ch, self.num_classes, 1)
+        self.cam = nn.Conv2d(ch, self.num_classes, 1, bias=m.cam_bias)
         self.proj = ContrastiveHead(ch, m.proj_dim, m.proj_hidden)
         self.reg_proj = nn.Conv2d(m.proj_dim, m.proj_dim, 1) if m.consistency != "none" else None
 
@@ -356,12 +364,14 @@ class Confeti(SelfTraining):
 
     # ------------------------------------------------------------------ consistency
     def _frozen_student_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The student's last feature level with its parameters detached and its BatchNorm buffers
-        copied: gradients reach only the input, running statistics stay as they are. No heads are
-        run, and dropout / drop path are off (a deterministic target, as on the reference's ResNet)."""
+        """The student's last feature level with its parameters detached: gradients reach only the
+        input. Its BatchNorm running statistics move as in any training forward (`consistency_bn:
+        update`, the reference) or stay as they are (`frozen`: buffers copied). No heads are run, and
+        dropout / drop path are off (a deterministic target, as on the reference's ResNet)."""
         view = _FeatureView(self.model)
         state = {f"model.{n}": p.detach() for n, p in self.model.named_parameters()}
-        state.update({f"model.{n}": b.clone() for n, b in self.model.named_buffers()})
+        if self.mcfg.consistency_bn == "frozen":
+            state.update({f"model.{n}": b.clone() for n, b in self.model.named_buffers()})
         stochastic = [m for m in self.model.modules() if is_stochastic_layer(m) and m.training]
         for m in stochastic:
             m.train(False)
@@ -420,6 +430,7 @@ class Confeti(SelfTraining):
         # 3. prototypes (no gradient)
         losses["proto_classes_updated"] = self.update_prototypes(mixed.images, mixed.labels, mixed.mask, it).float()
         contrast_on = it > m.contrast_start
+        mix_contrast_on = it >= m.contrast_start  # the reference's mix branch: one iteration earlier
 
         # 4. student on the stylised source: CE, CAM, contrast, feature distance to x_s's reference features
         out = self.model(x_s2t_sg, return_features=True)
@@ -436,7 +447,7 @@ class Confeti(SelfTraining):
 
         # 5. prototypical semantic consistency (reaches G and reg_proj only)
         if self.trains_stylizer and self.reg_proj is not None and m.consistency_weight > 0 \
-                and it > m.consistency_start:
+                and it >= m.consistency_start:
             losses["loss_consistency"] = m.consistency_weight * self.consistency_loss(x_s, x_s2t)
         losses = ctx.end_stage(losses)  # G's losses and the consistency: G's graph goes now
         del x_s2t
@@ -446,7 +457,7 @@ class Confeti(SelfTraining):
         losses.update(self.pseudo_label_losses(out_mix, mixed.labels, mixed.weights, "loss_mix_main", "loss_mix_aux"))
         if m.cam_weight > 0 and it > m.cam_mix_start:
             losses["loss_cam_mix"] = m.cam_weight * cam_loss(self.cam(out_mix["features"]), mixed.labels)
-        if contrast_on:
+        if mix_contrast_on:
             losses.update(self.contrast_losses(out_mix["features"], mixed.labels, "mix"))
         losses = ctx.end_stage(losses)
         del out_mix
@@ -487,6 +498,8 @@ def _check(m: ConfetiConfig) -> None:
 
     if m.stage not in (1, 2):
         bad("stage", f"must be 1 or 2, got {m.stage}")
+    if m.consistency_bn not in ("update", "frozen"):
+        bad("consistency_bn", f"'{m.consistency_bn}' is not one of update, frozen")
     if m.consistency not in CONSISTENCY_MODES:
         bad("consistency", f"'{m.consistency}' is not one of {', '.join(CONSISTENCY_MODES)}")
     if m.stage == 2 and m.consistency != "none":

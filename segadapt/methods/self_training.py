@@ -54,6 +54,7 @@ def _self_training_teacher() -> TeacherConfig:
 @dataclass
 class DACSConfig(SegmentationMethodConfig):
     RENAMED: ClassVar[dict] = {**SegmentationMethodConfig.RENAMED, **SELF_TRAINING_RENAMED}
+    OLD_DEFAULTS: ClassVar[dict] = {**SegmentationMethodConfig.OLD_DEFAULTS, "mix.classes": "image"}
 
     name: str = "dacs"
     teacher: TeacherConfig = field(default_factory=_self_training_teacher)

@@ -80,10 +80,40 @@ def _apply_draw(b: int, p: float, per: str, device, generator=None) -> torch.Ten
     raise ValueError(f"apply-per must be one of {APPLY_PER}, got {per!r}")
 
 
-def color_jitter(x: torch.Tensor, strength: float, p: float, generator=None, per: str = "batch") -> torch.Tensor:
-    """Brightness, contrast, saturation (factors U[1-s, 1+s]) then hue (shift U[-s, s] turns),
-    with probability p (fixed order). Factors are drawn per image; whether to jitter at all is
-    drawn once per batch (`per='batch'`, as the reference's u ~ U(0, 1) > 1 - p) or per image."""
+def brightness_additive(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """kornia 0.5's brightness: x + (factor - 1), clamped."""
+    return (x + _per_image(factor - 1)).clamp(0, 1)
+
+
+def contrast_scale(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """kornia 0.5's contrast: x * factor, clamped (no mean term)."""
+    return (x * _per_image(factor)).clamp(0, 1)
+
+
+def saturation_hsv(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """kornia 0.5's saturation: S * factor in HSV space, clamped."""
+    hsv = rgb_to_hsv(x)
+    sat = (hsv[:, 1:2] * _per_image(factor)).clamp(0, 1)
+    return hsv_to_rgb(torch.cat([hsv[:, 0:1], sat, hsv[:, 2:3]], dim=1))
+
+
+# The four operations (brightness, contrast, saturation, hue) of each kornia version's ColorJitter:
+# 0.5.8 (DAFormer, MIC) and 0.6.7 (CONFETI; torchvision's semantics)
+JITTER_OPS = {
+    "kornia_0.5": (brightness_additive, contrast_scale, saturation_hsv, adjust_hue),
+    "kornia_0.6": (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue),
+}
+JITTER_ORDERS = ("random", "fixed")
+
+
+def color_jitter(x: torch.Tensor, strength: float, p: float, generator=None, per: str = "batch",
+                 kind: str = "kornia_0.6", order: str = "fixed", shared_order: bool = False) -> torch.Tensor:
+    """Brightness, contrast, saturation (factors U[1-s, 1+s]) and hue (shift U[-s, s] turns) with
+    probability p, as `kind`'s ColorJitter does them. Factors are drawn per image; whether to
+    jitter at all is drawn once per batch (`per='batch'`, as the reference's u ~ U(0, 1) > 1 - p)
+    or per image. `order='random'`: kornia's random order of the four operations, one per image
+    (one call per image, as ClassMix calls it) or one for the batch (`shared_order`, as MIC calls
+    it on the whole batch); 'fixed': brightness, contrast, saturation, hue."""
     if p <= 0 or strength <= 0:
         return x
     b = x.shape[0]
@@ -93,10 +123,28 @@ def color_jitter(x: torch.Tensor, strength: float, p: float, generator=None, per
 
     apply = _apply_draw(b, p, per, x.device, generator)
     s = strength
-    y = adjust_brightness(x, u(max(0.0, 1 - s), 1 + s))
-    y = adjust_contrast(y, u(max(0.0, 1 - s), 1 + s))
-    y = adjust_saturation(y, u(max(0.0, 1 - s), 1 + s))
-    y = adjust_hue(y, u(-min(s, 0.5), min(s, 0.5)))
+    upper = 1 + s if kind == "kornia_0.6" else min(2.0, 1 + s)  # kornia 0.5 bounds brightness by 2
+    factors = (u(max(0.0, 1 - s), upper), u(max(0.0, 1 - s), 1 + s), u(max(0.0, 1 - s), 1 + s),
+               u(-min(s, 0.5), min(s, 0.5)))
+    ops = JITTER_OPS[kind]
+    if order == "fixed":
+        y = x
+        for op, f in zip(ops, factors):
+            y = op(y, f)
+    else:
+        perms = torch.rand(1 if shared_order else b, 4, device=x.device, generator=generator).argsort(dim=1)
+        if shared_order:
+            y = x
+            for k in perms[0].tolist():
+                y = ops[k](y, factors[k])
+        else:
+            rows = []
+            for i, perm in enumerate(perms.tolist()):
+                yi = x[i:i + 1]
+                for k in perm:
+                    yi = ops[k](yi, factors[k][i:i + 1])
+                rows.append(yi)
+            y = torch.cat(rows)
     return torch.where(_per_image(apply), y, x)
 
 
@@ -129,14 +177,16 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_hw: tuple[int, in
 
 
 def random_gaussian_blur(x: torch.Tensor, p: float, sigma_range, kernel_ratio: float = 0.1,
-                         generator=None, per: str = "batch") -> torch.Tensor:
+                         generator=None, per: str = "batch", shared_sigma: bool = False) -> torch.Tensor:
     """Blur with probability p (drawn once per batch, as the reference, or per image: `per`),
-    sigma ~ U[sigma_range] per image, kernel ~ kernel_ratio of each side."""
+    sigma ~ U[sigma_range] per image (or one for the batch: `shared_sigma`, as MIC's one call on
+    the batch), kernel ~ kernel_ratio of each side."""
     if p <= 0:
         return x
     b, _, h, w = x.shape
     lo, hi = sigma_range
-    sigma = lo + (hi - lo) * torch.rand(b, device=x.device, generator=generator)
+    sigma = lo + (hi - lo) * torch.rand(1 if shared_sigma else b, device=x.device, generator=generator)
+    sigma = sigma.expand(b)
     apply = _apply_draw(b, p, per, x.device, generator)
     # reflect padding needs kernel // 2 < side
     kernel = (min(blur_kernel_size(h, kernel_ratio), 2 * h - 1), min(blur_kernel_size(w, kernel_ratio), 2 * w - 1))
@@ -154,8 +204,18 @@ class AugmentConfig:
     blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
     blur_kernel_ratio: float = 0.1  # kernel side ~ 10% of the image side (odd)
     apply_per: str = "batch"  # jitter/blur applied or not once per batch (reference) | image
+    # whose ColorJitter: kornia_0.5 (DAFormer, MIC: additive brightness, contrast without a mean
+    # term, saturation in HSV) | kornia_0.6 (CONFETI; torchvision's: multiplicative brightness,
+    # contrast and saturation around the grey image)
+    jitter: str = "kornia_0.5"
+    jitter_order: str = "random"  # random: kornia's, per image | fixed: brightness, contrast, saturation, hue
 
     def __post_init__(self):
+        if self.jitter not in JITTER_OPS:
+            raise ConfigError(f"method.augment.jitter must be one of {', '.join(JITTER_OPS)}, got {self.jitter!r}")
+        if self.jitter_order not in JITTER_ORDERS:
+            raise ConfigError(f"method.augment.jitter_order must be one of {', '.join(JITTER_ORDERS)}, got "
+                              f"{self.jitter_order!r}")
         if self.apply_per not in APPLY_PER:
             raise ConfigError(f"method.augment.apply_per must be one of {', '.join(APPLY_PER)}, got "
                               f"{self.apply_per!r}")
@@ -167,20 +227,25 @@ class AugmentConfig:
 
 
 class StrongAugment:
-    """Colour jitter, then Gaussian blur, as configured."""
+    """Colour jitter, then Gaussian blur, as configured. `shared=True` is the reference's one call
+    on the whole batch (MIC): one order of the jitter operations and one blur sigma for all
+    images; otherwise each image gets its own, as ClassMix's per-image calls."""
 
     def __init__(self, cfg: AugmentConfig):
         self.cfg = cfg
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, shared: bool = False) -> torch.Tensor:
         c = self.cfg
-        images = color_jitter(images, c.jitter_strength, c.jitter_p, per=c.apply_per)
-        return random_gaussian_blur(images, c.blur_p, c.blur_sigma, c.blur_kernel_ratio, per=c.apply_per)
+        images = color_jitter(images, c.jitter_strength, c.jitter_p, per=c.apply_per, kind=c.jitter,
+                              order=c.jitter_order, shared_order=shared)
+        return random_gaussian_blur(images, c.blur_p, c.blur_sigma, c.blur_kernel_ratio, per=c.apply_per,
+                                    shared_sigma=shared)
 
 
 __all__ = [
-    "APPLY_PER", "AugmentConfig", "StrongAugment", "color_jitter", "adjust_brightness", "adjust_contrast",
+    "APPLY_PER", "JITTER_OPS", "JITTER_ORDERS", "AugmentConfig", "StrongAugment", "color_jitter",
+    "brightness_additive", "contrast_scale", "saturation_hsv", "adjust_brightness", "adjust_contrast",
     "adjust_saturation", "adjust_hue", "rgb_to_hsv", "hsv_to_rgb", "blur_kernel_size", "gaussian_kernels",
     "gaussian_blur", "random_gaussian_blur",
 ]

@@ -7,7 +7,7 @@ Randomness comes from the global torch RNG of the batch's device (checkpointed b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -15,7 +15,7 @@ from ...errors import ConfigError
 from .augment import StrongAugment
 from .teacher import PseudoLabels
 
-MIX_CLASSES = ("image",)
+MIX_CLASSES = ("batch", "image")
 
 
 # --------------------------------------------------------------------------- ClassMix
@@ -43,13 +43,34 @@ def choose_mix_classes(labels: torch.Tensor, num_classes: int, generator=None) -
     return present & (rank < n_keep)
 
 
-def class_mix_mask(labels: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) mask, 1.0 where the source label is one of the image's `chosen` classes."""
-    num_classes = chosen.shape[1]
+def batch_mix_classes(labels: torch.Tensor, num_classes: int, generator=None) -> torch.Tensor:
+    """DAFormer's `get_class_masks`: for every image, a uniformly random half (rounded up) of the
+    values present in the *whole batch's* source labels, the ignore label included.
+
+    Returns (B, num_classes + 1) bool; column num_classes stands for every id outside
+    [0, num_classes) (255). Drawn per image, as the reference draws per image."""
+    b = labels.shape[0]
+    flat = labels.reshape(-1)
+    flat = torch.where((flat >= 0) & (flat < num_classes), flat, torch.full_like(flat, num_classes))
+    present = torch.zeros(num_classes + 1, dtype=torch.bool, device=labels.device)
+    present.scatter_(0, flat, True)
+    present = present.expand(b, -1)
+    scores = torch.rand(present.shape, device=labels.device, generator=generator)
+    rank = scores.masked_fill(~present, 2.0).argsort(dim=1).argsort(dim=1)
+    n_keep = (present.sum(1, keepdim=True) + 1) // 2
+    return present & (rank < n_keep)
+
+
+def class_mix_mask(labels: torch.Tensor, chosen: torch.Tensor, num_classes: Optional[int] = None) -> torch.Tensor:
+    """(B, H, W) mask, 1.0 where the source label is one of the image's `chosen` classes.
+    `chosen` (B, C) holds classes only; (B, C + 1) from `batch_mix_classes` also the ignore label
+    (column C, every id outside [0, C)), whose pixels are then pasted too."""
+    num_classes = chosen.shape[1] if num_classes is None else num_classes
+    with_ignore = chosen.shape[1] == num_classes + 1
     valid = (labels >= 0) & (labels < num_classes)
-    idx = torch.where(valid, labels, torch.zeros_like(labels))
+    idx = torch.where(valid, labels, torch.full_like(labels, num_classes if with_ignore else 0))
     picked = torch.gather(chosen, 1, idx.reshape(labels.shape[0], -1)).reshape(labels.shape)
-    return (picked & valid).float()
+    return (picked if with_ignore else picked & valid).float()
 
 
 def mix(mask: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -66,7 +87,9 @@ def mix(mask: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch
 class MixConfig:
     """ClassMix: which classes of a source image are pasted."""
 
-    classes: str = "image"  # image: a random half of the classes in each source image's label
+    # batch (DAFormer's get_class_masks): per image a random half of the values in the whole batch's
+    # source labels, 255 included | image: a random half of the classes in that image's own label
+    classes: str = "batch"
 
     def __post_init__(self):
         if self.classes not in MIX_CLASSES:
@@ -89,12 +112,16 @@ class ClassMix:
     @torch.no_grad()
     def __call__(self, source_images: torch.Tensor, source_labels: torch.Tensor, target_images: torch.Tensor,
                  pseudo: PseudoLabels) -> MixedBatch:
-        chosen = choose_mix_classes(source_labels, self.num_classes)
-        mask = class_mix_mask(source_labels, chosen)
+        if self.cfg.classes == "batch":
+            chosen = batch_mix_classes(source_labels, self.num_classes)
+        else:
+            chosen = choose_mix_classes(source_labels, self.num_classes)
+        mask = class_mix_mask(source_labels, chosen, self.num_classes)
         images = mix(mask, source_images, target_images)
         labels = mix(mask, source_labels, pseudo.labels)
         weights = mix(mask, torch.ones_like(pseudo.weights), pseudo.weights)
         return MixedBatch(self.augment(images), labels, weights, mask)
 
 
-__all__ = ["MixConfig", "MixedBatch", "ClassMix", "present_classes", "choose_mix_classes", "class_mix_mask", "mix"]
+__all__ = ["MixConfig", "MixedBatch", "ClassMix", "present_classes", "choose_mix_classes", "batch_mix_classes",
+           "class_mix_mask", "mix"]

@@ -97,7 +97,8 @@ class MaskedImageConsistency(nn.Module):
     @torch.no_grad()
     def images(self, target_images: torch.Tensor) -> torch.Tensor:
         """MIC's input: the clean target, jittered and blurred with its own draw, block-masked."""
-        x = self.augment(target_images) if self.cfg.augment else target_images
+        # one call on the batch, as MIC's strong_transform: one jitter order and blur sigma for all
+        x = self.augment(target_images, shared=True) if self.cfg.augment else target_images
         b, _, h, w = x.shape
         mask = block_mask(b, h, w, self.cfg.block_size, self.cfg.mask_ratio, x.device)
         return mask_image(x, mask, self.fill)

@@ -36,7 +36,7 @@ from ...errors import ConfigError
 from ..losses import upsample
 
 NORM_MODES = ("batch", "running")
-REFERENCE_HEIGHT = 512  # ignore_top / ignore_bottom are given for 512-pixel-high target crops
+REFERENCE_HEIGHT = 512  # scale_ignored_rows: ignore_top / ignore_bottom are given for 512-pixel-high crops
 
 
 @dataclass
@@ -47,8 +47,11 @@ class TeacherConfig:
     alpha: float = 0.999  # EMA factor (DACS paper: 0.99; DAFormer, MIC: 0.999)
     norm: str = "batch"  # BatchNorm: batch statistics (reference) | running (eval mode, averaged)
     pseudo_threshold: float = 0.968  # q = share of pixels whose max probability reaches this
-    ignore_top: int = 0  # rows (at 512 px height) without pseudo-label weight: rectification border
+    ignore_top: int = 0  # rows without pseudo-label weight: rectification border
     ignore_bottom: int = 0  # ... and the ego car
+    # false: literal row counts, as the reference; true: counts given for 512-pixel-high crops,
+    # scaled by the crop's height / 512
+    scale_ignored_rows: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.alpha < 1.0:
@@ -70,11 +73,12 @@ def confidence_weight(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     return (probs.max(dim=1).values >= threshold).float().mean()
 
 
-def pseudo_weight_map(q: torch.Tensor, shape, ignore_top: int, ignore_bottom: int) -> torch.Tensor:
-    """(B, H, W) weights: q everywhere but 0 in the top/bottom rows (counts scaled by H / 512)."""
+def pseudo_weight_map(q: torch.Tensor, shape, ignore_top: int, ignore_bottom: int, scaled: bool = False) -> torch.Tensor:
+    """(B, H, W) weights: q everywhere but 0 in the top/bottom rows (`scaled`: counts given for a
+    512-pixel height, scaled by H / 512; else literal, as the reference)."""
     b, h, w = shape
-    top = round(ignore_top * h / REFERENCE_HEIGHT)
-    bottom = round(ignore_bottom * h / REFERENCE_HEIGHT)
+    top = round(ignore_top * h / REFERENCE_HEIGHT) if scaled else ignore_top
+    bottom = round(ignore_bottom * h / REFERENCE_HEIGHT) if scaled else ignore_bottom
     weight = q.expand(b, h, w).clone()
     if top > 0:
         weight[:, :top] = 0
@@ -92,7 +96,8 @@ def pseudo_labels(segmenter: nn.Module, images: torch.Tensor, cfg: TeacherConfig
     probs = torch.softmax(logits.float(), dim=1)
     labels = probs.argmax(dim=1)
     q = confidence_weight(probs, cfg.pseudo_threshold)
-    return PseudoLabels(labels, pseudo_weight_map(q, labels.shape, cfg.ignore_top, cfg.ignore_bottom), q)
+    weights = pseudo_weight_map(q, labels.shape, cfg.ignore_top, cfg.ignore_bottom, cfg.scale_ignored_rows)
+    return PseudoLabels(labels, weights, q)
 
 
 def is_stochastic_layer(m: nn.Module) -> bool:
