@@ -49,6 +49,41 @@ class DatasetConfig:
     # every data worker: for small datasets (the synthetic benchmark's 600 source images take
     # about 80 MB per worker, its 400 target images 40 MB), not for GTA5 or Cityscapes
     cache: bool = False
+    # [top, bottom, left, right]: pixels of each image as read whose pseudo-labels get no weight
+    # (an unlabelled target's; HRDA's crop_pseudo_margins [30, 240, 30, 30] for Cityscapes: the
+    # rectification border and the ego car). Masked before resize and crop, so a crop away from
+    # the border keeps all its pseudo-labels.
+    pseudo_margins: Optional[list[int]] = None
+
+
+@dataclass
+class HRDAConfig:
+    """HRDA's multi-resolution training and inference (Hoyer et al., ECCV 2022; HRDA/MIC
+    reference configs): a context crop at `context_scale` of the whole input, a detail crop of
+    `detail_crop` input pixels at full resolution, fused by a learned scale attention. Feature-
+    level losses (FD, prototypes) see the context's features, as the reference's feature_scale."""
+
+    enabled: bool = False
+    context_scale: float = 0.5  # the low-resolution context: the input resized by this factor
+    detail_crop: list[int] = field(default_factory=lambda: [512, 512])  # [W, H] of the detail crop (hr_crop_size)
+    detail_loss_weight: float = 0.1  # lambda_d (hr_loss_weight); the fused loss gets 1 - this - context_loss_weight
+    context_loss_weight: float = 0.0  # lr_loss_weight
+    attention_classwise: bool = True  # one attention channel per class
+    attention_channels: int = 256  # attention_embed_dim of the DAFormer-style attention head
+    crop_divisible: int = 8  # detail-crop offsets are multiples of this (output stride / context scale)
+    slide_inference: bool = True  # inference: the detail scale in overlapping detail-crop windows
+    slide_overlap: bool = True  # windows at half a crop's stride (false: side by side)
+
+    def __post_init__(self):
+        if not 0.0 < self.context_scale < 1.0:
+            raise ConfigError(f"model.hrda.context_scale must be in (0, 1), got {self.context_scale}")
+        if len(self.detail_crop) != 2 or min(self.detail_crop) <= 0:
+            raise ConfigError(f"model.hrda.detail_crop: expected [W, H] with positive sizes, got {self.detail_crop}")
+        if self.detail_loss_weight < 0 or self.context_loss_weight < 0 \
+                or self.detail_loss_weight + self.context_loss_weight >= 1:
+            raise ConfigError("model.hrda.detail_loss_weight and context_loss_weight must be >= 0 with a sum below 1")
+        if self.crop_divisible < 1 or self.attention_channels < 1:
+            raise ConfigError("model.hrda.crop_divisible and attention_channels must be positive")
 
 
 @dataclass
@@ -94,6 +129,7 @@ class ModelConfig:
     vit_heads: Optional[int] = None
     out_indices: Optional[list[int]] = None  # ViT blocks feeding the head (None = the preset's four)
     output_stride: int = 8  # mobilenetv2: 8 | 16 | 32 (strides replaced by dilations, DeepLab-style)
+    hrda: HRDAConfig = field(default_factory=HRDAConfig)  # multi-resolution training (any backbone)
 
 
 @dataclass
@@ -624,8 +660,17 @@ def validate(cfg: Config) -> None:
             v = getattr(ds, sub)
             if v is not None and (len(v) != 2 or min(v) <= 0):
                 raise ConfigError(f"{key}.{sub}: expected [W, H] with positive sizes, got {v}")
+        if ds.pseudo_margins is not None:
+            if len(ds.pseudo_margins) != 4 or min(ds.pseudo_margins) < 0:
+                raise ConfigError(f"{key}.pseudo_margins: expected [top, bottom, left, right] >= 0, got "
+                                  f"{ds.pseudo_margins}")
+            if ds.labels:
+                raise ConfigError(f"{key}.pseudo_margins applies to an unlabelled target ({key}.labels: false)")
     # fills the preset's values into the unset model keys and checks every model key
-    BACKBONES.get(cfg.model.backbone, "model.backbone").resolve(cfg.model)
+    preset = BACKBONES.get(cfg.model.backbone, "model.backbone")
+    preset.resolve(cfg.model)
+    if cfg.model.hrda.enabled:
+        _check_hrda_crops(cfg, preset.output_stride(cfg.model))
     _choice(cfg.optim.name, ["sgd", "adamw"], "optim.name")
     _choice(cfg.train.amp, ["none", "bf16", "fp16"], "train.amp")
     _choice(cfg.eval.mode, ["whole", "slide"], "eval.mode")
@@ -639,6 +684,27 @@ def validate(cfg: Config) -> None:
     if cfg.optim.lr <= 0:
         raise ConfigError("optim.lr must be positive")
     cfg.method.check(cfg)
+
+
+def _check_hrda_crops(cfg: Config, stride: int) -> None:
+    """The training inputs HRDA splits: a detail crop no larger than them, a context scale that
+    maps them onto whole logits."""
+    h = cfg.model.hrda
+    for key in ("source", "target"):
+        ds = getattr(cfg, key)
+        size = ds.crop or (None if ds.resize_keep_ratio else ds.resize)
+        if size is None and cfg.synthetic.auto:
+            size = cfg.synthetic.size
+        if size is None:
+            continue  # known only when the images are read; checked at the first step
+        if h.detail_crop[0] > size[0] or h.detail_crop[1] > size[1]:
+            raise ConfigError(f"model.hrda.detail_crop {h.detail_crop} is larger than the {key} training crop "
+                              f"{list(size)} (the context crop): make it smaller or the crop larger")
+        scaled = [side * h.context_scale for side in size]
+        if any(not v.is_integer() or v % stride for v in scaled):
+            raise ConfigError(f"model.hrda.context_scale {h.context_scale} does not divide the {key} training crop "
+                              f"{list(size)}: the context ({scaled[0]:g} x {scaled[1]:g}) must be whole multiples of "
+                              f"the output stride {stride}")
 
 
 def _counts(cfg: Config) -> None:

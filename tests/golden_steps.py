@@ -105,6 +105,8 @@ def config_overrides(name: str, synth: Path, work: Path) -> list[str]:
               f"{key}.resize_keep_ratio=false", f"{key}.crop=[64,64]", f"{key}.cache=false"]
     o += [f"eval.data.root={synth / 'target'}", "eval.data.kind=cityscapes", "eval.data.split=val"]
     o += _model_overrides(cfg.model)
+    if cfg.model.hrda.enabled:
+        o += ["model.hrda.detail_crop=[32,32]"]
     m = cfg.method
     if m.name == "cfcontra":
         o += ["method.contrast.init_source_batches=2", "method.contrast.init_target_batches=2"]

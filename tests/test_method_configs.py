@@ -52,7 +52,7 @@ def test_section_switch_shorthand_merges_with_its_settings(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text("_base_: {}\nmethod: {{mic: {{weight: 0.5}}}}\n".format(
         load_config.__globals__["resolve_config_path"]("gta5_cityscapes/mic_daformer_mitb5")))
-    assert load_config(str(child)).method.mic == MICConfig(enabled=True, weight=0.5)
+    assert load_config(str(child)).method.mic == MICConfig(enabled=True, weight=0.5, block_size=32)
     assert load_config("synthetic/daformer", ["method.fd=false"]).method.fd == FDConfig(enabled=False)
 
 

@@ -148,6 +148,7 @@ class SegDataset(torch.utils.data.Dataset):
         if not 0.0 < self.cat_max_ratio <= 1.0:
             raise ConfigError(f"dataset option cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
         self.with_labels = bool(getattr(cfg, "labels", True))
+        self.pseudo_margins = getattr(cfg, "pseudo_margins", None)
         self.keep_label_size = bool(getattr(cfg, "keep_label_size", False))
         self.size_mismatch = getattr(cfg, "size_mismatch", "resize")
         if self.size_mismatch not in SIZE_MISMATCH_POLICIES:
@@ -378,7 +379,9 @@ class SegDataset(torch.utils.data.Dataset):
                 image, label = random_hflip(image, label, rng)
         item = Sample(image=to_tensor(image), index=i, name=self.names[i])
         item.files = {"image": image_path, "label": label_path}
-        if label is not None:
+        if label is not None and not self.with_labels:
+            item["valid_pseudo_mask"] = torch.from_numpy((label == 1).astype(np.float32))
+        elif label is not None:
             item["label"] = label_to_tensor(label)
         return item
 
@@ -391,6 +394,10 @@ class SegDataset(torch.utils.data.Dataset):
         if self.with_labels and label_path is not None:
             label = self.load_label_train_ids(i)
             label = self._fit_label(label, image.shape[:2], label_path, image_path)
+        elif self.pseudo_margins:
+            # an unlabelled image's label slot carries where its pseudo-labels may weigh (1): it is
+            # resized, cropped and flipped with the image, padded as 255 (no weight)
+            label = margin_mask(image.shape[:2], self.pseudo_margins)
         if self.resize is not None:
             size = keep_ratio_size(image.shape[1::-1], self.resize) if self.resize_keep_ratio else self.resize
             image = resize_image(image, size, self.resize_interpolation)
@@ -407,6 +414,17 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, samples={len(self)}, labels={self.with_labels})"
+
+
+def margin_mask(hw, margins) -> np.ndarray:
+    """(H, W) uint8: 1 inside the image, 0 in the [top, bottom, left, right] margins."""
+    top, bottom, left, right = margins
+    mask = np.ones(hw, dtype=np.uint8)
+    mask[:top] = 0
+    mask[hw[0] - bottom:] = 0
+    mask[:, :left] = 0
+    mask[:, hw[1] - right:] = 0
+    return mask
 
 
 # ---------------------------------------------------------------------- layouts

@@ -105,7 +105,8 @@ class UDAMethod(nn.Module):
         losses = self.training_step(batch, it, ctx)
         if self.mic is not None:
             losses = ctx.end_stage(losses)  # the step's graph goes before the masked forward
-            losses.update(self.mic.losses(self.model, batch["target"]["image"], ctx.pseudo_labels))
+            tgt = batch["target"]
+            losses.update(self.mic.losses(self.model, tgt["image"], ctx.pseudo_labels, tgt.get("valid_pseudo_mask")))
         return losses
 
     def training_step(self, batch: dict, it: int, ctx: StepContext) -> dict:

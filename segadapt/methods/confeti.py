@@ -424,7 +424,7 @@ class Confeti(SelfTraining):
         x_s2t_sg = x_s2t.detach()
 
         # 2. pseudo-labels and ClassMix of the stylised source onto the target
-        pseudo = ctx.pseudo_labels = self.pseudo_labels(x_t)
+        pseudo = ctx.pseudo_labels = self.pseudo_labels(x_t, tgt.get("valid_pseudo_mask"))
         mixed = self.classmix(x_s2t_sg, y_s, x_t, pseudo)
 
         # 3. prototypes (no gradient)

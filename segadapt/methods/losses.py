@@ -60,9 +60,37 @@ def cross_entropy(logits: Tensor, labels: Tensor, mean: str = "valid", align_cor
     raise ValueError(f"cross-entropy mean must be one of {CE_MEANS}, got {mean!r}")
 
 
+def crop_box(x: Tensor, box) -> Tensor:
+    """The (y1, y2, x1, x2) crop of the last two dimensions."""
+    y1, y2, x1, x2 = box
+    return x[..., y1:y2, x1:x2]
+
+
+def _multi_resolution(outputs: dict, loss_fn, labels: Tensor, weights: Optional[Tensor], scale: float,
+                      main_key: str) -> dict:
+    """HRDA's losses (`models/hrda.py` outputs): the fused logits against the whole label times
+    1 - detail weight - context weight, the detail crop's against the label's crop (and pixel
+    weights') times the detail weight, the context's against the whole label times its weight."""
+    w_detail, w_context = outputs["detail_weight"], outputs.get("context_weight", 0.0)
+    box = outputs["detail_box"]
+    losses = {main_key: scale * (1.0 - w_detail - w_context) * loss_fn(outputs["main"], labels, weights)}
+    if w_detail > 0:
+        cropped = None if weights is None else crop_box(weights, box)
+        losses[main_key.replace("_main", "") + "_detail"] = \
+            scale * w_detail * loss_fn(outputs["detail"], crop_box(labels, box), cropped)
+    if w_context > 0:
+        losses[main_key.replace("_main", "") + "_context"] = scale * w_context * loss_fn(outputs["context"], labels,
+                                                                                         weights)
+    return losses
+
+
 def segmentation_loss(outputs: dict, labels: Tensor, aux_weight: float, prefix: str = "loss_seg",
                       mean: str = "valid", align_corners: bool = True) -> dict:
-    """Cross-entropy on the main (and aux) logits upsampled to label size (see `cross_entropy`)."""
+    """Cross-entropy on the main (and aux) logits upsampled to label size (see `cross_entropy`);
+    HRDA outputs also on the detail crop (`_multi_resolution`)."""
+    if "detail" in outputs:
+        return _multi_resolution(outputs, lambda x, y, _: cross_entropy(x, y, mean, align_corners), labels, None,
+                                 1.0, f"{prefix}_main")
     losses = {f"{prefix}_main": cross_entropy(outputs["main"], labels, mean, align_corners)}
     if "aux" in outputs and aux_weight > 0:
         losses[f"{prefix}_aux"] = aux_weight * cross_entropy(outputs["aux"], labels, mean, align_corners)
@@ -79,7 +107,11 @@ def weighted_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor, alig
 
 def pseudo_label_losses(outputs: dict, labels: Tensor, weights: Tensor, aux_weight: float, main_key: str,
                         aux_key: str, scale: float = 1.0, align_corners: bool = False) -> dict:
-    """`scale` x the pixel-weighted CE of the main output (and aux_weight x it of the aux one)."""
+    """`scale` x the pixel-weighted CE of the main output (and aux_weight x it of the aux one);
+    HRDA outputs also on the detail crop (`_multi_resolution`)."""
+    if "detail" in outputs:
+        return _multi_resolution(outputs, lambda x, y, w: weighted_cross_entropy(x, y, w, align_corners), labels,
+                                 weights, scale, main_key)
     losses = {main_key: scale * weighted_cross_entropy(outputs["main"], labels, weights, align_corners)}
     if "aux" in outputs and aux_weight > 0:
         losses[aux_key] = scale * aux_weight * weighted_cross_entropy(outputs["aux"], labels, weights,

@@ -19,7 +19,7 @@ composition; DAFormer's config switches rare class sampling (`rcs`) and `fd` on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn as nn
@@ -121,9 +121,10 @@ class SelfTraining(UDAMethod):
         return self.teacher.ema
 
     # ------------------------------------------------------------------ pieces
-    def pseudo_labels(self, target_images: torch.Tensor) -> PseudoLabels:
-        """Teacher's argmax on the clean target, and the (B, H, W) pixel weights."""
-        return pseudo_labels(self.teacher_model(), target_images, self.mcfg.teacher, self.align_corners)
+    def pseudo_labels(self, target_images: torch.Tensor, valid: Optional[torch.Tensor] = None) -> PseudoLabels:
+        """Teacher's argmax on the clean target, and the (B, H, W) pixel weights (times the
+        target's valid pseudo-label mask, when its dataset has `pseudo_margins`)."""
+        return pseudo_labels(self.teacher_model(), target_images, self.mcfg.teacher, self.align_corners, valid)
 
     def source_ce(self, out: dict, labels: torch.Tensor) -> dict:
         """The supervised source loss, averaged and upsampled as the method's config says."""
@@ -159,7 +160,7 @@ class SelfTraining(UDAMethod):
         self.check_sizes(self.mcfg.name, src["image"], tgt["image"])
         losses = ctx.end_stage(self.source_losses(src))
 
-        pseudo = ctx.pseudo_labels = self.pseudo_labels(tgt["image"])
+        pseudo = ctx.pseudo_labels = self.pseudo_labels(tgt["image"], tgt.get("valid_pseudo_mask"))
         mixed = self.classmix(src["image"], src["label"], tgt["image"], pseudo)
         out = self.model(mixed.images)
         losses.update(self.pseudo_label_losses(out, mixed.labels, mixed.weights, "loss_mix_main", "loss_mix_aux"))

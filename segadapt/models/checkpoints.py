@@ -300,7 +300,7 @@ def load_state_dict_checked(
     if missing or unexpected or shape_bad:
         raise CheckpointError(
             f"checkpoint {path} ({fmt}) does not match the model "
-            f"({type(model).__name__}): " + describe_mismatch(missing, unexpected, shape_bad)
+            f"({type(model).__name__}): " + describe_mismatch(missing, unexpected, shape_bad) + _layout_hint(sd, model)
         )
     head_absent = [k for k in allowed_missing if not k.endswith("num_batches_tracked") and k not in sd]
     if head_absent and not init_file:
@@ -325,6 +325,18 @@ def load_state_dict_checked(
     report.missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     log.info("%s", report)
     return report
+
+
+def _layout_hint(sd: Dict[str, Tensor], model: nn.Module) -> str:
+    """A pointer to the switch that builds the file's layout, when it is HRDA's and the model's not
+    (or the reverse)."""
+    file_hrda = any(k.startswith("decode_head.scale_attention.") for k in sd)
+    model_hrda = any(k.startswith("decode_head.scale_attention.") for k in model.state_dict())
+    if file_hrda and not model_hrda:
+        return " (an HRDA checkpoint: set model.hrda.enabled=true, e.g. -c gta5_cityscapes/hrda_daformer_mitb5)"
+    if model_hrda and not file_hrda:
+        return " (a single-resolution checkpoint: the model has HRDA on, set model.hrda.enabled=false)"
+    return ""
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike, strict_head: bool = False) -> LoadReport:

@@ -167,12 +167,15 @@ class DAFormerHead(nn.Module):
     ``align_corners`` is used by the resizes; DAFormer itself asserts it is
     False (the default). ``separable`` and ``aspp_pool`` are DAFormer's
     ``fusion_cfg`` ``sep`` and ``pool`` (True / False in the published config).
+    ``fusion='conv'`` replaces the ASPP by one 1x1 conv-BN-ReLU (``fuse_layer.conv`` /
+    ``fuse_layer.bn``), as HRDA's scale-attention head does.
     """
 
     def __init__(self, in_channels: Sequence[int], num_classes: int = 19,
                  embed_dims: Union[int, Sequence[int]] = 256, channels: int = 256,
                  fusion_dilations: Sequence[int] = (1, 6, 12, 18), dropout: float = 0.1,
-                 align_corners: bool = False, separable: bool = True, aspp_pool: bool = False) -> None:
+                 align_corners: bool = False, separable: bool = True, aspp_pool: bool = False,
+                 fusion: str = "aspp") -> None:
         super().__init__()
         name = "DAFormerHead"
         self.in_channels = _channel_list(in_channels, name)
@@ -196,9 +199,12 @@ class DAFormerHead(nn.Module):
         # a ModuleDict keyed "0".."n-1", as DAFormer's (keys embed_layers.<i>.proj.*)
         self.embed_layers = nn.ModuleDict(
             {str(i): TokenEmbedding(c, e) for i, (c, e) in enumerate(zip(self.in_channels, self.embed_dims))})
-        self.fuse_layer = ASPPFusion(sum(self.embed_dims), self.channels, self.fusion_dilations,
-                                     separable=bool(separable), pool=bool(aspp_pool),
-                                     align_corners=self.align_corners)
+        if fusion == "conv":
+            self.fuse_layer = ConvBNReLU(sum(self.embed_dims), self.channels, 1)
+        else:
+            self.fuse_layer = ASPPFusion(sum(self.embed_dims), self.channels, self.fusion_dilations,
+                                         separable=bool(separable), pool=bool(aspp_pool),
+                                         align_corners=self.align_corners)
         self.dropout = nn.Dropout2d(self.dropout_ratio) if self.dropout_ratio > 0 else None
         self.conv_seg = nn.Conv2d(self.channels, self.num_classes, 1)
         _init_conv_seg(self.conv_seg)

@@ -201,6 +201,11 @@ class DeepLabV2(ResNet):
             out["features"] = c4
         return out
 
+    @torch.jit.unused
+    def infer(self, x: Tensor, return_features: bool = False) -> Dict[str, Tensor]:
+        """The full prediction whatever the mode (a teacher's pseudo-labels)."""
+        return self.forward(x, return_features)
+
     def extract_features(self, x: Tensor) -> List[Tensor]:
         """layer1 .. layer4 outputs (the feature levels, finest first)."""
         c1 = self.layer1(self.forward_stem(self.normalize(x)))

@@ -82,10 +82,30 @@ class BackbonePreset:
         if m.pretrained == "installed" and self.family != "mobilenetv2":
             raise _bad("pretrained", f"'installed' finds the offline MobileNetV2 weights; give {m.backbone}'s "
                                      "weights by path")
+        if m.hrda.enabled and m.aux:
+            raise _bad("aux", "true: HRDA trains without the auxiliary classifier, as its reference (set model.aux=false)")
         getattr(self, f"_check_{self.family}")(m)
         if m.aux is None:
-            m.aux = self.aux
+            m.aux = False if m.hrda.enabled else self.aux
+        if m.hrda.enabled:
+            self._check_hrda(m)
         return m
+
+    def output_stride(self, m: ModelConfig) -> int:
+        """The stride of the logits: the finest level for the DAFormer and linear heads, the last for
+        DeepLabV2's classifier (the ResNets' and the `aspp` head's)."""
+        return self.strides[-1] if self.family == "resnet" or m.decode_head == "aspp" else self.strides[0]
+
+    def _check_hrda(self, m: ModelConfig) -> None:
+        h = m.hrda
+        cell = self.output_stride(m) / h.context_scale  # one context logit, in input pixels
+        if not cell.is_integer() or h.crop_divisible % int(cell):
+            raise _bad("hrda.crop_divisible", f"{h.crop_divisible} must be a multiple of the output stride / context "
+                                              f"scale ({self.output_stride(m)} / {h.context_scale} = {cell:g}) so that "
+                                              "the detail crop sits on the context's grid")
+        if any(side % h.crop_divisible for side in h.detail_crop):
+            raise _bad("hrda.detail_crop", f"{h.detail_crop} must be multiples of model.hrda.crop_divisible "
+                                           f"({h.crop_divisible})")
 
     def normalization_for(self, m: ModelConfig) -> str:
         # mmseg's ResNetV1c (DAFormer, CONFETI) takes ImageNet-normalised RGB like every non-Caffe file

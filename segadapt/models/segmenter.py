@@ -17,6 +17,8 @@ What methods may rely on, whatever the architecture:
   (ResNet layer4, MiT stage 4, the ViT's last selected block), ``model.feature_channels``
   wide -- what feature-level methods (prototypes, contrast, feature distance) use;
 * ``model.extract_features(x)`` -> the backbone's levels, finest first;
+* ``model.infer(x)`` -> the full prediction whatever the mode (what a teacher's pseudo-labels use;
+  HRDA's slide inference, ``hrda.py``, where the training forward takes a random detail crop);
 * ``model.param_groups()`` -> ``{'backbone': [...], 'head': [...]}``.
 """
 from __future__ import annotations
@@ -68,6 +70,10 @@ class EncoderDecoder(nn.Module):
         if return_features:
             out["features"] = feats[-1]
         return out
+
+    def infer(self, x: Tensor, return_features: bool = False) -> Dict[str, Tensor]:
+        """The full prediction whatever the mode (a teacher's pseudo-labels; HRDA overrides it)."""
+        return self.forward(x, return_features)
 
     def head_parameters(self) -> List[nn.Parameter]:
         heads = [m for m in (self.decode_head, self.auxiliary_head) if m is not None]
@@ -152,13 +158,18 @@ def build_segmenter(m: ModelConfig) -> nn.Module:
         raise TypeError(f"build_segmenter takes a ModelConfig (segadapt.models.model_config(**keys)), "
                         f"got {type(m).__name__}")
     m = resolve_model_config(m)
-    if m.arch == "deeplabv2":
+    if m.hrda.enabled:
+        from .hrda import build_hrda
+
+        model = build_hrda(m)
+    elif m.arch == "deeplabv2":
         return build_deeplabv2(m)
-    backbone = build_backbone(m)
-    head = build_decode_head(m, backbone.out_channels)
-    aux_head = build_decode_head(m, backbone.out_channels, level=-2) if m.aux else None
-    model = EncoderDecoder(backbone, head, m.num_classes, normalization=m.normalization, backbone_name=m.backbone,
-                           auxiliary_head=aux_head)
+    else:
+        backbone = build_backbone(m)
+        head = build_decode_head(m, backbone.out_channels)
+        aux_head = build_decode_head(m, backbone.out_channels, level=-2) if m.aux else None
+        model = EncoderDecoder(backbone, head, m.num_classes, normalization=m.normalization, backbone_name=m.backbone,
+                               auxiliary_head=aux_head)
     pretrained = m.pretrained
     if pretrained == "installed":
         from .mobilenetv2 import installed_weights

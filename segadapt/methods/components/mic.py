@@ -103,17 +103,18 @@ class MaskedImageConsistency(nn.Module):
         mask = block_mask(b, h, w, self.cfg.block_size, self.cfg.mask_ratio, x.device)
         return mask_image(x, mask, self.fill)
 
-    def own_pseudo_labels(self, target_images: torch.Tensor) -> PseudoLabels:
-        return pseudo_labels(self.teacher.ema, target_images, self.teacher_cfg, self.align_corners)
+    def own_pseudo_labels(self, target_images: torch.Tensor, valid: Optional[torch.Tensor] = None) -> PseudoLabels:
+        return pseudo_labels(self.teacher.ema, target_images, self.teacher_cfg, self.align_corners, valid)
 
-    def losses(self, model: nn.Module, target_images: torch.Tensor, pseudo: Optional[PseudoLabels] = None) -> dict:
+    def losses(self, model: nn.Module, target_images: torch.Tensor, pseudo: Optional[PseudoLabels] = None,
+               valid: Optional[torch.Tensor] = None) -> dict:
         """The student on the masked target against the teacher's labels of the unmasked one,
-        weighted as the mix loss (q, zero in the ignored rows)."""
+        weighted as the mix loss (q, zero in the ignored rows and outside `valid`)."""
         logs = {}
         if pseudo is None:
             if self.teacher is None:
                 raise RuntimeError("MIC without a teacher of its own needs the method's pseudo-labels")
-            pseudo = self.own_pseudo_labels(target_images)
+            pseudo = self.own_pseudo_labels(target_images, valid)
             logs["mic_pseudo_weight"] = pseudo.confidence.detach()
         out = model(self.images(target_images))
         losses = pseudo_label_losses(out, pseudo.labels, pseudo.weights, self.aux_weight, "loss_mic", "loss_mic_aux",

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -88,15 +88,19 @@ def pseudo_weight_map(q: torch.Tensor, shape, ignore_top: int, ignore_bottom: in
 
 
 @torch.no_grad()
-def pseudo_labels(segmenter: nn.Module, images: torch.Tensor, cfg: TeacherConfig,
-                  align_corners: bool) -> PseudoLabels:
+def pseudo_labels(segmenter: nn.Module, images: torch.Tensor, cfg: TeacherConfig, align_corners: bool,
+                  valid: Optional[torch.Tensor] = None) -> PseudoLabels:
     """The teacher segmenter's pseudo-labels of `images` at their size (logits upsampled as the
-    method's losses upsample)."""
-    logits = upsample(segmenter(images)["main"], images.shape[-2:], align_corners)
+    method's losses upsample). A segmenter's `infer` is its full prediction whatever its mode (HRDA:
+    the slide inference, as the reference's generate_pseudo_label). `valid` (B, H, W): the
+    target's pseudo-label margins (dataset option `pseudo_margins`), multiplied into the weights."""
+    logits = upsample(segmenter.infer(images)["main"], images.shape[-2:], align_corners)
     probs = torch.softmax(logits.float(), dim=1)
     labels = probs.argmax(dim=1)
     q = confidence_weight(probs, cfg.pseudo_threshold)
     weights = pseudo_weight_map(q, labels.shape, cfg.ignore_top, cfg.ignore_bottom, cfg.scale_ignored_rows)
+    if valid is not None:
+        weights = weights * valid
     return PseudoLabels(labels, weights, q)
 
 
