@@ -137,12 +137,14 @@ def cmd_test(args) -> int:
     ensure_writable(out_dir / "results.json")  # before the evaluation, not after it
     # the weights the run evaluated (an EMA teacher where it saved one), built without re-reading
     # its initialisation file; a backbone-only or ImageNet file is refused
-    model, cfg = load_segmenter(ckpt_path, args.config, list(args.overrides))
+    model, cfg = load_segmenter(ckpt_path, args.config, list(args.overrides))  # class counts checked there
     device = dist_utils.init_from_env(cfg.train.device)
     ensure_data(cfg)
     model.to(device)
-    loader = build_eval_loader(cfg, build_dataset(cfg.eval.data))
-    result = evaluate(model, loader, device=device, progress=not args.no_progress, class_names=None, **eval_kwargs(cfg))
+    dataset = build_dataset(cfg.eval.data)
+    loader = build_eval_loader(cfg, dataset)
+    # per-class names from the dataset's class map (the 19 Cityscapes names without one)
+    result = evaluate(model, loader, device=device, progress=not args.no_progress, **eval_kwargs(cfg, dataset))
     result.meta.update({"checkpoint": str(ckpt_path), "eval_root": cfg.eval.data.root,
                         "eval_split": cfg.eval.data.split, "eval_list": cfg.eval.data.list_file,
                         "eval_mode": cfg.eval.mode, "scales": list(cfg.eval.scales), "flip": cfg.eval.flip})

@@ -48,6 +48,14 @@ def stats_key(dataset, index: int) -> str:
 
 
 def default_stats_path(dataset) -> Path:
+    """<root>/segadapt_class_stats.json; with a class map of its own, a file named after the map's
+    content (the counts are per train id of that map, not of the Cityscapes table)."""
+    if getattr(dataset, "has_class_map", False):
+        import hashlib
+        import json
+
+        digest = hashlib.sha1(json.dumps(dataset.classes.to_dict()["ids"], sort_keys=True).encode()).hexdigest()
+        return Path(dataset.root) / f"{Path(STATS_FILE).stem}_{digest[:10]}.json"
     return Path(dataset.root) / STATS_FILE
 
 
