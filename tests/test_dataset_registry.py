@@ -13,17 +13,17 @@ from segadapt.registry import DATASETS
 
 def test_builtin_readers_are_registered():
     assert DATASETS.registered()[:4] == ["gta5", "cityscapes", "synthia", "folder"]
-    for kind in ("custom",):
+    for kind in ("acdc", "dark_zurich", "custom"):
         assert kind in DATASETS
 
 
 def test_unknown_kind_is_one_line_at_config_load_and_build(tmp_path):
-    with pytest.raises(ConfigError, match=r"^target\.kind: unknown dataset kind 'custon' \(did you mean 'custom'\?\)"
-                       r"; known: .*folder") as e:
-        load_config("synthetic/source_only", ["target.kind=custon"])
+    with pytest.raises(ConfigError, match=r"^target\.kind: unknown dataset kind 'acdcc' \(did you mean 'acdc'\?\)"
+                       r"; known: .*dark_zurich") as e:
+        load_config("synthetic/source_only", ["target.kind=acdcc"])
     assert "\n" not in str(e.value)
     with pytest.raises(DatasetError, match="unknown dataset kind 'kitti'; valid kinds: gta5, cityscapes, synthia, "
-                                           "folder, custom"):
+                                           "folder, .*acdc"):
         build_dataset(load_config("synthetic/source_only").source.__class__(kind="kitti", root=str(tmp_path)))
 
 

@@ -5,4 +5,4 @@ Importing the package registers the built-in readers in ``segadapt.registry.DATA
 module named under the config key ``imports:``).
 """
 from segadapt.data import datasets  # noqa: F401  gta5, cityscapes, synthia, folder
-from segadapt.data import custom  # noqa: F401,E402
+from segadapt.data import acdc, custom, dark_zurich  # noqa: F401,E402
