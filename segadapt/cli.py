@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gap", type=float, default=None, help="strength of the appearance shift (default 1.0)")
     p.add_argument("--synthia", action="store_true", help="also write a SYNTHIA-layout copy of the source")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--condition", choices=("none", "fog", "night", "rain"), default=None,
+                   help="render the target domain (train and val) in fog (contrast falls with depth), at night "
+                        "(dark, headlights, street lamps, noise) or in rain (streaks, wet roads); the scenes and "
+                        "labels are the daytime benchmark's (default: none, daytime)")
 
     sub.add_parser("configs", help="list the packaged configs")
     _register_extra_commands(sub)
@@ -167,7 +171,7 @@ def cmd_test(args) -> int:
 def cmd_synth(args) -> int:
     from .data.synthetic import SynthParams, generate
 
-    kwargs = {"seed": args.seed, "synthia": args.synthia}
+    kwargs = {"seed": args.seed, "synthia": args.synthia, "condition": args.condition}
     for name in ("num_source", "num_source_val", "num_target_train", "num_target_val", "gap", "workers"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)

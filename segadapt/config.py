@@ -198,6 +198,7 @@ class SyntheticConfig:
     gap: float = 1.0
     synthia: bool = False
     workers: int = 2
+    condition: Optional[str] = None  # target domain in fog | night | rain (docs/datasets.md); none: daytime
 
 
 @dataclass
