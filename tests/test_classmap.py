@@ -2,7 +2,6 @@
 through the whole path: kind `custom`, training, evaluation tables, test, predict, export."""
 import json
 import shutil
-import textwrap
 import warnings
 
 import numpy as np

@@ -21,7 +21,7 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import yaml
@@ -254,12 +254,3 @@ def classes_of(ds_cfg) -> Optional[ClassMap]:
     """The class map a dataset config names (None: the Cityscapes default)."""
     spec = getattr(ds_cfg, "class_map", None)
     return None if spec is None else load_class_map(spec)
-
-
-def describe(spec) -> str:
-    """How a class_map value is shown in messages."""
-    return "(inline)" if isinstance(spec, Mapping) else str(spec)
-
-
-def class_names_or_none(classes: Optional[ClassMap]) -> Optional[Sequence[str]]:
-    return None if classes is None else list(classes.names)

@@ -23,7 +23,7 @@ import numpy as np
 import torch.utils.data
 
 from segadapt.data import io as _io
-from segadapt.data.classmap import ClassMap, classes_of, cityscapes_classes, describe
+from segadapt.data.classmap import ClassMap, classes_of, cityscapes_classes
 from segadapt.data.labels import IGNORE_INDEX, cityscapes_lut, map_labels, synthia_lut, train_id_lut
 from segadapt.data.transforms import (
     INTERPOLATIONS,
