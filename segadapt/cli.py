@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gap", type=float, default=None, help="strength of the appearance shift (default 1.0)")
     p.add_argument("--synthia", action="store_true", help="also write a SYNTHIA-layout copy of the source")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--condition", choices=("none", "fog", "night", "rain"), default=None,
+                   help="render the target domain (train and val) in fog (contrast falls with depth), at night "
+                        "(dark, headlights, street lamps, noise) or in rain (streaks, wet roads); the scenes and "
+                        "labels are the daytime benchmark's (default: none, daytime)")
 
     sub.add_parser("configs", help="list the packaged configs")
     _register_extra_commands(sub)
@@ -137,12 +141,14 @@ def cmd_test(args) -> int:
     ensure_writable(out_dir / "results.json")  # before the evaluation, not after it
     # the weights the run evaluated (an EMA teacher where it saved one), built without re-reading
     # its initialisation file; a backbone-only or ImageNet file is refused
-    model, cfg = load_segmenter(ckpt_path, args.config, list(args.overrides))
+    model, cfg = load_segmenter(ckpt_path, args.config, list(args.overrides))  # class counts checked there
     device = dist_utils.init_from_env(cfg.train.device)
     ensure_data(cfg)
     model.to(device)
-    loader = build_eval_loader(cfg, build_dataset(cfg.eval.data))
-    result = evaluate(model, loader, device=device, progress=not args.no_progress, class_names=None, **eval_kwargs(cfg))
+    dataset = build_dataset(cfg.eval.data)
+    loader = build_eval_loader(cfg, dataset)
+    # per-class names from the dataset's class map (the 19 Cityscapes names without one)
+    result = evaluate(model, loader, device=device, progress=not args.no_progress, **eval_kwargs(cfg, dataset))
     result.meta.update({"checkpoint": str(ckpt_path), "eval_root": cfg.eval.data.root,
                         "eval_split": cfg.eval.data.split, "eval_list": cfg.eval.data.list_file,
                         "eval_mode": cfg.eval.mode, "scales": list(cfg.eval.scales), "flip": cfg.eval.flip})
@@ -165,7 +171,7 @@ def cmd_test(args) -> int:
 def cmd_synth(args) -> int:
     from .data.synthetic import SynthParams, generate
 
-    kwargs = {"seed": args.seed, "synthia": args.synthia}
+    kwargs = {"seed": args.seed, "synthia": args.synthia, "condition": args.condition}
     for name in ("num_source", "num_source_val", "num_target_train", "num_target_val", "gap", "workers"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)

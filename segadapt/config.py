@@ -26,9 +26,10 @@ PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
 # --------------------------------------------------------------------------- schema
 @dataclass
 class DatasetConfig:
-    kind: str = "cityscapes"  # gta5 | cityscapes | synthia | folder
+    # a registered reader: gta5 | cityscapes | synthia | folder | acdc | dark_zurich | custom | a plugin's
+    kind: str = "cityscapes"
     root: str = ""
-    split: str = "train"  # cityscapes: train/val/test; gta5/synthia: all (or use list_file)
+    split: str = "train"  # cityscapes/acdc/dark_zurich: train/val/test; gta5/synthia: all (or use list_file)
     list_file: Optional[str] = None  # names of the samples to use, relative to root
     resize: Optional[list[int]] = None  # [W, H]
     # mmseg's Resize(keep_ratio=True): one factor, long side to the long side of `resize`, short
@@ -49,6 +50,17 @@ class DatasetConfig:
     # every data worker: for small datasets (the synthetic benchmark's 600 source images take
     # about 80 MB per worker, its 400 target images 40 MB), not for GTA5 or Cityscapes
     cache: bool = False
+    # acdc: fog | night | rain | snow | all (default all); dark_zurich: day | night | twilight (default night)
+    condition: Optional[str] = None
+    # the dataset's own classes: a YAML class map (names, label id -> train id, ignore ids, palette;
+    # docs/datasets.md) or the same mapping inline; none = the 19 Cityscapes classes
+    class_map: Optional[Union[str, dict]] = None
+    # custom: images and labels under root, matched by name ({split} is replaced by the split)
+    image_dir: Optional[str] = None  # default images/{split}
+    label_dir: Optional[str] = None  # default labels/{split}
+    image_suffix: Optional[str] = None  # default: any of .png .jpg .jpeg .bmp
+    label_suffix: Optional[str] = None  # default .png
+    options: dict = field(default_factory=dict)  # a plugin reader's own options
     # [top, bottom, left, right]: pixels of each image as read whose pseudo-labels get no weight
     # (an unlabelled target's; HRDA's crop_pseudo_margins [30, 240, 30, 30] for Cityscapes: the
     # rectification border and the ego car). Masked before resize and crop, so a crop away from
@@ -232,6 +244,7 @@ class SyntheticConfig:
     gap: float = 1.0
     synthia: bool = False
     workers: int = 2
+    condition: Optional[str] = None  # target domain in fog | night | rain (docs/datasets.md); none: daytime
 
 
 @dataclass
@@ -255,6 +268,9 @@ class MethodConfig:
 
 @dataclass
 class Config:
+    # modules (dotted names or .py files, relative to the config file that names them) imported
+    # before the config is checked: they register methods, dataset readers or models of their own
+    imports: list[str] = field(default_factory=list)
     name: str = "run"
     out_dir: str = "runs/${name}/seed${train.seed}"
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -332,10 +348,15 @@ def _as_section(value, other):
 
 
 def _merge(dst: dict, src: dict, origin: Optional[str], origins: _Origins, prefix: str = "") -> None:
+    """`src` into `dst`; a mapping holding `_replace_: true` replaces the inherited section instead
+    of merging into it (e.g. a source-only config built on a self-training one's network)."""
     for k, v in src.items():
         key = f"{prefix}{k}"
         if k in dst:
             dst[k], v = _as_section(dst[k], v), _as_section(v, dst[k])
+        if isinstance(v, dict) and v.get("_replace_") is True:
+            v = {kk: vv for kk, vv in v.items() if kk != "_replace_"}
+            dst[k] = {}
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
             _merge(dst[k], v, origin, origins, key + ".")
         else:
@@ -351,9 +372,9 @@ def _merge(dst: dict, src: dict, origin: Optional[str], origins: _Origins, prefi
 def _flatten(d: dict, prefix: str = "") -> list[str]:
     out = []
     for k, v in d.items():
-        out.append(prefix + k)
+        out.append(prefix + str(k))  # inline mappings (a class map's ids) have number keys
         if isinstance(v, dict):
-            out += _flatten(v, prefix + k + ".")
+            out += _flatten(v, f"{prefix}{k}.")
     return out
 
 
@@ -635,9 +656,35 @@ def load_config(
     if overrides:
         _merge(tree, parse_overrides(overrides), "command line", origins)
     _interpolate(tree, tree, origins)
+    imports = tree.get("imports") or []
+    if not isinstance(imports, list) or not all(isinstance(e, str) for e in imports):
+        raise ConfigError(f"imports: expected a list of module names or .py files, got {imports!r} "
+                          f"(in {origins.where('imports')})")
+    # before the sections are built: a plugin may register the method or dataset they name
+    tree["imports"] = _plugin_paths(imports, origins)
+    if tree["imports"]:
+        from .registry import import_plugins
+
+        import_plugins(tree["imports"])
     cfg = build_dataclass(Config, tree, origins)
     validate(cfg)
     return cfg
+
+
+def _plugin_paths(entries: list[str], origins: _Origins) -> list[str]:
+    """`.py` entries of `imports` relative to the config file that names them, made absolute
+    (a checkpoint's stored config then finds them from any working folder)."""
+    where = origins.where("imports")
+    base = Path(where).parent if where not in ("defaults", "command line", "checkpoint config") else None
+    out = []
+    for e in entries:
+        p = Path(e).expanduser()
+        if e.endswith(".py") and not p.is_absolute():
+            beside = base / p if base is not None else None
+            p = beside if beside is not None and beside.is_file() else p
+            e = str(p.resolve()) if p.is_file() else e
+        out.append(e)
+    return out
 
 
 def _deep_defaults() -> dict:
@@ -653,9 +700,18 @@ def _choice(value, allowed, key):
 
 
 def validate(cfg: Config) -> None:
+    from .registry import DATASETS
+
     for key, ds in (("source", cfg.source), ("target", cfg.target), ("eval.data", cfg.eval.data)):
-        _choice(ds.kind, ["gta5", "cityscapes", "synthia", "folder"], f"{key}.kind")
+        reader = DATASETS.get(ds.kind, f"{key}.kind")
         _choice(ds.size_mismatch, ["resize", "skip", "error"], f"{key}.size_mismatch")
+        # the reader's own option checks; with a class map, its number of classes
+        check = getattr(reader, "check_config", None)
+        n = check(ds, key) if check is not None else None
+        if n is not None and n != cfg.model.num_classes:
+            shown = "(inline)" if isinstance(ds.class_map, dict) else ds.class_map
+            raise ConfigError(f"{key}.class_map {shown} has {n} classes but model.num_classes is "
+                              f"{cfg.model.num_classes}: set model.num_classes={n}")
         for sub in ("resize", "crop"):
             v = getattr(ds, sub)
             if v is not None and (len(v) != 2 or min(v) <= 0):

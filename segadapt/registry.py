@@ -52,6 +52,11 @@ class Registry:
     def names(self) -> list[str]:
         return list(self)
 
+    def registered(self) -> list[str]:
+        """Names in the order they were registered (built-ins first, as their package lists them)."""
+        self._load()
+        return list(self._entries)
+
     def items(self):
         self._load()
         return sorted(self._entries.items())

@@ -59,7 +59,7 @@ def test_plan_images_per_class():
     assert plan.probs[2] == 0 and plan.probs[:2].sum() == pytest.approx(1.0)
     kw = plan.sampler_kwargs(min_crop_pixels=1500, crop_attempts=10)
     assert kw["classes"] == [0, 1] and kw["images"] == [[0, 2], [2]]
-    with pytest.raises(ConfigError, match="rcs_min_pixels=6000.*largest count is 5000"):
+    with pytest.raises(ConfigError, match="rcs.min_pixels=6000.*largest count is 5000"):
         RareClassPlan(counts, min_pixels=6000)
 
 
@@ -226,7 +226,7 @@ def test_unwritable_cache_is_named_with_a_remedy(tmp_path, monkeypatch):
     with pytest.raises(DatasetError) as e:
         dataset_class_counts(ds)
     msg = str(e.value)
-    assert str(root / "segadapt_class_stats.json") in msg and "segadapt prepare" in msg and "rcs_stats" in msg
+    assert str(root / "segadapt_class_stats.json") in msg and "segadapt prepare" in msg and "rcs.stats" in msg
     assert "\n" not in msg
 
 

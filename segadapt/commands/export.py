@@ -32,7 +32,7 @@ def run(args) -> int:
 
     from ..utils.files import ensure_writable
     from ..engine.export import export_segmenter, require_onnx
-    from ..engine.predictor import load_segmenter, resolve_checkpoint
+    from ..engine.predictor import load_segmenter_and_classes, resolve_checkpoint
     from ..engine.run_folder import refuse_output_over_inputs
     from ..errors import ConfigError, SegadaptError, write_error
 
@@ -40,7 +40,7 @@ def run(args) -> int:
                                          ("the config", args.config)])
     if args.format == "onnx":
         require_onnx()  # before the (slow) checkpoint load
-    model, cfg = load_segmenter(args.checkpoint, args.config)
+    model, cfg, classes = load_segmenter_and_classes(args.checkpoint, args.config)
     size = args.size or cfg.eval.data.resize
     if size is None:
         raise ConfigError("export needs --size W H (the config has no eval.data.resize)")
@@ -50,7 +50,7 @@ def run(args) -> int:
     tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
     try:
         report = export_segmenter(model, args.format, tmp, size, with_argmax=args.with_argmax,
-                                  tolerance=args.tolerance, opset=args.opset)
+                                  tolerance=args.tolerance, opset=args.opset, classes=classes)
         os.replace(tmp, out)
     except SegadaptError as e:
         raise type(e)(str(e).replace(str(tmp), str(out))) from None

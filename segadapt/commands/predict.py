@@ -40,8 +40,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from ..engine.predictor import (OUTPUT_SUFFIXES, Predictor, collect_images, infer_kwargs_from, load_segmenter,
-                                    resolve_checkpoint, resolve_device)
+    from ..engine.predictor import (OUTPUT_SUFFIXES, Predictor, collect_images, infer_kwargs_from,
+                                    load_segmenter_and_classes, resolve_checkpoint, resolve_device)
     from ..engine.run_folder import refuse_output_over_inputs
     from ..utils.files import ensure_writable
     from ..errors import ConfigError, DatasetError
@@ -67,7 +67,8 @@ def run(args) -> int:
     # a read-only or misplaced --out fails here, before the model is loaded
     ensure_writable(Path(args.out) / f"{images[0][1]}_trainid.png")
 
-    model, cfg = load_segmenter(args.checkpoint, args.config)
+    # the colours are the classes' the model predicts (its dataset's class map, else Cityscapes')
+    model, cfg, classes = load_segmenter_and_classes(args.checkpoint, args.config)
     infer = infer_kwargs_from(cfg)
     if args.mode is not None:
         infer["mode"] = args.mode
@@ -79,7 +80,8 @@ def run(args) -> int:
         raise ConfigError("--mode slide needs --crop W H (the config has no eval.crop)")
     size = args.size if args.size is not None else cfg.eval.data.resize
 
-    predictor = Predictor(model, device, infer, size=size, batch_size=args.batch_size)
+    predictor = Predictor(model, device, infer, size=size, batch_size=args.batch_size,
+                          palette=classes.palette if classes is not None else None)
     summary = predictor.predict_paths(images, args.out, entropy=args.entropy, alpha=args.alpha,
                                       progress=not args.no_progress,
                                       log=lambda msg: tqdm.write(f"segadapt predict: {msg}", file=sys.stderr))

@@ -5,7 +5,7 @@ counts the pixels of every class in every label.
     segadapt prepare --kind cityscapes --root R --split train --check   # report only, writes nothing
 
 The statistics file is what rare class sampling (method `daformer`) reads; for a
-read-only root write it elsewhere with `--out FILE` and set `method.rcs_stats=FILE`.
+read-only root write it elsewhere with `--out FILE` and set `method.rcs.stats=FILE`.
 Problems (missing labels, labels without images, image/label size mismatches,
 unknown label ids, unreadable or truncated files: every image and label is
 decoded in full, labels that cannot hold exact ids: JPEG or blended, see

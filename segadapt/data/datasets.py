@@ -1,7 +1,9 @@
 """Segmentation datasets in the layouts users already have on disk.
 
-``build_dataset(cfg)`` returns a :class:`SegDataset` for ``cfg.kind`` in
-('gta5', 'cityscapes', 'synthia', 'folder').  Items are read with
+``build_dataset(cfg)`` returns a :class:`SegDataset` for ``cfg.kind``, a name in the
+dataset registry (``segadapt.registry.DATASETS``: 'gta5', 'cityscapes', 'synthia', 'folder'
+here, 'acdc', 'dark_zurich' and 'custom' in their own modules, a user's readers through
+the config key ``imports:``).  Items are read with
 ``ds[index]`` (deterministic: resize only) or ``ds[(index, seed)]`` (random crop
 and flip drawn from ``np.random.default_rng(seed)``, so an augmentation is
 reproducible from its per-sample seed).  Rare class sampling uses
@@ -21,6 +23,7 @@ import numpy as np
 import torch.utils.data
 
 from segadapt.data import io as _io
+from segadapt.data.classmap import ClassMap, classes_of, cityscapes_classes
 from segadapt.data.labels import IGNORE_INDEX, cityscapes_lut, map_labels, synthia_lut, train_id_lut
 from segadapt.data.transforms import (
     INTERPOLATIONS,
@@ -35,8 +38,8 @@ from segadapt.data.transforms import (
     to_tensor,
 )
 from segadapt.errors import ConfigError, DatasetError
+from segadapt.registry import DATASETS
 
-VALID_KINDS = ("gta5", "cityscapes", "synthia", "folder")
 SIZE_MISMATCH_POLICIES = ("resize", "skip", "error")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -149,6 +152,8 @@ class SegDataset(torch.utils.data.Dataset):
             raise ConfigError(f"dataset option cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
         self.with_labels = bool(getattr(cfg, "labels", True))
         self.pseudo_margins = getattr(cfg, "pseudo_margins", None)
+        self._classes: Optional[ClassMap] = classes_of(cfg)  # None: the layout's own (Cityscapes) classes
+        self._class_lut = self._classes.lut() if self._classes is not None else None
         self.keep_label_size = bool(getattr(cfg, "keep_label_size", False))
         self.size_mismatch = getattr(cfg, "size_mismatch", "resize")
         if self.size_mismatch not in SIZE_MISMATCH_POLICIES:
@@ -176,6 +181,33 @@ class SegDataset(torch.utils.data.Dataset):
         self.cache = bool(getattr(cfg, "cache", False))
         self._cache: dict = {}
 
+    # ------------------------------------------------------------------ classes
+
+    @classmethod
+    def check_config(cls, cfg, key: str = "dataset") -> Optional[int]:
+        """Checks of the options that need no file of the dataset (run when a config is loaded,
+        ``key`` names the entry in messages); returns the number of classes its labels have
+        when a class map sets it, else None (the reader's own classes)."""
+        condition = getattr(cfg, "condition", None)
+        if condition is not None and not getattr(cls, "conditions", ()):
+            raise ConfigError(f"{key}.condition: dataset kind '{cls.kind}' has no conditions (acdc and "
+                              f"dark_zurich have): leave it unset")
+        spec = getattr(cfg, "class_map", None)
+        if spec is None:
+            return None
+        from segadapt.data.classmap import load_class_map
+
+        return load_class_map(spec, f"{key}.class_map").num_classes
+
+    @property
+    def classes(self) -> ClassMap:
+        """The dataset's classes: its class map, else the 19 Cityscapes classes."""
+        return self._classes if self._classes is not None else cityscapes_classes()
+
+    @property
+    def has_class_map(self) -> bool:
+        return self._classes is not None
+
     # ------------------------------------------------------------------ layout hooks
 
     def _image_folder(self) -> Path:
@@ -202,6 +234,13 @@ class SegDataset(torch.utils.data.Dataset):
         return _io.read_label(path)
 
     def _lut_for(self, path: Path) -> np.ndarray:
+        """Raw label id -> train id for the label file ``path``: the class map's when one is
+        given, else the layout's own table."""
+        if self._class_lut is not None:
+            return self._class_lut
+        return self._default_lut(path)
+
+    def _default_lut(self, path: Path) -> np.ndarray:
         return cityscapes_lut()
 
     # ------------------------------------------------------------------ scanning
@@ -476,7 +515,7 @@ class SynthiaDataset(GTA5Dataset):
     def _read_label_raw(self, path: Path) -> np.ndarray:
         return _io.read_synthia_label(path)
 
-    def _lut_for(self, path: Path) -> np.ndarray:
+    def _default_lut(self, path: Path) -> np.ndarray:
         return synthia_lut()
 
 
@@ -520,7 +559,7 @@ class CityscapesDataset(SegDataset):
         base = self._label_folder()
         return [base / (name + _CS_LABEL_SUFFIX), base / (name + _CS_TRAIN_LABEL_SUFFIX)]
 
-    def _lut_for(self, path: Path) -> np.ndarray:
+    def _default_lut(self, path: Path) -> np.ndarray:
         return train_id_lut() if path.name.endswith(_CS_TRAIN_LABEL_SUFFIX) else cityscapes_lut()
 
 
@@ -555,12 +594,10 @@ class FolderDataset(SegDataset):
         return self.root / name
 
 
-_KINDS = {
-    "gta5": GTA5Dataset,
-    "cityscapes": CityscapesDataset,
-    "synthia": SynthiaDataset,
-    "folder": FolderDataset,
-}
+# the built-in layouts, in the order messages list them
+for _kind, _cls in (("gta5", GTA5Dataset), ("cityscapes", CityscapesDataset), ("synthia", SynthiaDataset),
+                    ("folder", FolderDataset)):
+    DATASETS.register(_kind)(_cls)
 
 
 def restyled_eval_note(root) -> Optional[str]:
@@ -577,9 +614,9 @@ def restyled_eval_note(root) -> Optional[str]:
 
 
 def build_dataset(cfg) -> SegDataset:
-    """Dataset for ``cfg.kind``."""
+    """Dataset for ``cfg.kind`` (a registered reader, see ``segadapt.registry.DATASETS``)."""
     kind = getattr(cfg, "kind", None)
-    cls = _KINDS.get(str(kind).lower()) if kind is not None else None
-    if cls is None:
-        raise DatasetError(f"unknown dataset kind {kind!r}; valid kinds: {', '.join(VALID_KINDS)}")
-    return cls(cfg)
+    name = str(kind).lower() if kind is not None else None
+    if name is None or name not in DATASETS:
+        raise DatasetError(f"unknown dataset kind {kind!r}; valid kinds: {', '.join(DATASETS.registered())}")
+    return DATASETS.get(name)(cfg)

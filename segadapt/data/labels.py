@@ -186,16 +186,18 @@ def map_labels(raw: np.ndarray, lut: np.ndarray, path: Union[str, Path, None] = 
     return out.astype(np.uint8)
 
 
-def colorize(train_ids) -> np.ndarray:
-    """Train-id map (H, W) -> RGB image (H, W, 3) uint8 with the official colours.
+def colorize(train_ids, palette=None) -> np.ndarray:
+    """Train-id map (H, W) -> RGB image (H, W, 3) uint8 with the official colours, or with
+    ``palette`` ((C, 3) uint8: a dataset's own classes).
 
-    Ignore (255) and any other id outside 0..18 are black.
+    Ignore (255) and any other id outside the palette are black.
     """
     ids = np.asarray(train_ids)
     if ids.ndim != 2:
         raise ValueError(f"colorize expects an (H, W) array, got shape {ids.shape}")
+    palette = PALETTE if palette is None else np.asarray(palette, dtype=np.uint8)[:255]
     table = np.zeros((257, 3), dtype=np.uint8)
-    table[:NUM_CLASSES] = PALETTE
+    table[: len(palette)] = palette
     idx = ids.astype(np.int64, copy=False)
     idx = np.where((idx < 0) | (idx > 255), 256, idx)
     return table[idx]

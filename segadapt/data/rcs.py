@@ -48,6 +48,14 @@ def stats_key(dataset, index: int) -> str:
 
 
 def default_stats_path(dataset) -> Path:
+    """<root>/segadapt_class_stats.json; with a class map of its own, a file named after the map's
+    content (the counts are per train id of that map, not of the Cityscapes table)."""
+    if getattr(dataset, "has_class_map", False):
+        import hashlib
+        import json
+
+        digest = hashlib.sha1(json.dumps(dataset.classes.to_dict()["ids"], sort_keys=True).encode()).hexdigest()
+        return Path(dataset.root) / f"{Path(STATS_FILE).stem}_{digest[:10]}.json"
     return Path(dataset.root) / STATS_FILE
 
 
@@ -114,7 +122,7 @@ def _entry_counts(entry: dict, num_classes: int) -> np.ndarray:
 def _check_writable(path: Path, dataset_kind: str, root) -> None:
     """Fail before a long pass, not after it."""
     hint = (f"run `segadapt prepare --kind {dataset_kind} --root {root} --out FILE` with FILE somewhere "
-            f"writable and set method.rcs_stats=FILE")
+            f"writable and set method.rcs.stats=FILE")
     try:
         ensure_writable(path)
     except OutputError as e:
@@ -172,7 +180,7 @@ class RareClassPlan:
         self.images_per_class = [np.flatnonzero(counts[:, c] > min_pixels).tolist() for c in range(counts.shape[1])]
         eligible = np.array([len(v) > 0 for v in self.images_per_class])
         if not eligible.any():
-            raise ConfigError(f"method.rcs_min_pixels={min_pixels}: no source image has more pixels than that of any "
+            raise ConfigError(f"method.rcs.min_pixels={min_pixels}: no source image has more pixels than that of any "
                               f"class (the largest count is {int(counts.max(initial=0))}); lower it")
         self.class_pixels = counts.sum(0)
         self.probs = rcs_class_probs(self.class_pixels, temperature, eligible)

@@ -33,6 +33,11 @@ Files are written in the real layouts, so the real readers are exercised::
 
 Every image is a pure function of ``(seed, domain, index)`` and the size/gap
 parameters, so the output is byte-identical for any number of ``workers``.
+
+``condition`` (``fog``, ``night`` or ``rain``; default none) renders the target domain, train
+and val, in that adverse condition: the same scenes and labels as the daytime benchmark, the
+daytime rendering changed by ``segadapt.data.synthetic_conditions`` with a random generator
+of its own (the source and, without a condition, every file stay as they are).
 Only numpy and Pillow are used.
 
 Calibration (``gap=1``, default set, seed 0; a 7-layer dilated CNN of width 24
@@ -118,9 +123,12 @@ class SynthParams:
     gap: float = 1.0
     synthia: bool = False
     workers: int = 1
+    condition: Optional[str] = None  # target domain in fog | night | rain (None: daytime)
 
     def __post_init__(self):
         self.size = tuple(int(v) for v in self.size)
+        if self.condition in ("", "none"):
+            self.condition = None
 
     def validate(self) -> "SynthParams":
         if len(self.size) != 2 or self.size[0] < 32 or self.size[1] < 16:
@@ -134,6 +142,11 @@ class SynthParams:
             raise ConfigError(f"synthetic gap must be in [0, 3], got {self.gap}")
         if int(self.workers) < 1:
             raise ConfigError(f"synthetic workers must be >= 1, got {self.workers}")
+        from segadapt.data.synthetic_conditions import CONDITIONS
+
+        if self.condition is not None and self.condition not in CONDITIONS:
+            raise ConfigError(f"synthetic condition must be one of {', '.join(CONDITIONS)} (or none), "
+                              f"got {self.condition!r}")
         return self
 
     def identity(self) -> dict:
@@ -147,6 +160,8 @@ class SynthParams:
             "num_target_val": int(self.num_target_val),
             "gap": float(self.gap),
             "synthia": bool(self.synthia),
+            # only when set: the daytime benchmark's marker stays as it was
+            **({"condition": self.condition} if self.condition is not None else {}),
         }
 
     @classmethod
@@ -1279,6 +1294,11 @@ def make_sample(params: SynthParams, domain: str, index: int) -> Tuple[np.ndarra
     else:
         scene = sample_scene(rng, params.size, "target")
         img = render(scene, rng, params.gap)
+        if params.condition is not None:
+            from segadapt.data.synthetic_conditions import apply_condition, condition_rng
+
+            img = apply_condition(img, scene, params.condition,
+                                  condition_rng(params.seed, _DOMAIN_CODES[domain], index, params.condition))
     return img, scene.classes
 
 
@@ -1568,10 +1588,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--gap", type=float, default=d.gap)
     ap.add_argument("--synthia", action="store_true")
     ap.add_argument("--workers", type=int, default=d.workers)
+    ap.add_argument("--condition", default=None, choices=("none", "fog", "night", "rain"))
     a = ap.parse_args(argv)
     p = SynthParams(seed=a.seed, size=tuple(a.size), num_source=a.num_source, num_source_val=a.num_source_val,
                     num_target_train=a.num_target_train, num_target_val=a.num_target_val, gap=a.gap,
-                    synthia=a.synthia, workers=a.workers)
+                    synthia=a.synthia, workers=a.workers, condition=a.condition)
     try:
         out = ensure_synthetic(a.out, p)
     except (DatasetError, ConfigError) as e:

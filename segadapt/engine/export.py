@@ -87,22 +87,31 @@ def _compare(got: torch.Tensor, ref: torch.Tensor, with_argmax: bool, tolerance:
     return diff, None
 
 
-def _metadata(model: nn.Module, size: tuple[int, int], with_argmax: bool) -> dict:
+def _metadata(model: nn.Module, size: tuple[int, int], with_argmax: bool, classes=None) -> dict:
+    """What a consumer of the file needs: input, output, and the classes (names and colours of
+    train ids 0..C-1: the dataset's class map, else Cityscapes' for 19 classes)."""
+    from ..data.classmap import default_palette
+    from .metrics import default_class_names
+
+    n = int(getattr(model, "num_classes", 0))
+    names = list(classes.names) if classes is not None else default_class_names(n)
+    palette = classes.palette if classes is not None else default_palette(n)
     return {"producer": "segadapt", "input": f"float32 RGB in [0,1], shape (1, 3, {size[1]}, {size[0]})",
             "output": "train ids (1, H, W) int64" if with_argmax else f"logits (1, C, h, w) at output stride {model.output_stride}",
-            "num_classes": int(getattr(model, "num_classes", 0)),
+            "num_classes": n, "class_names": names, "palette": [[int(v) for v in c] for c in palette],
             "normalization": str(getattr(model, "normalization", "")), "size_wh": list(size)}
 
 
 def export_segmenter(model: nn.Module, fmt: str, out: str | os.PathLike, size: Sequence[int],
                      with_argmax: bool = False, tolerance: Optional[float] = None,
-                     opset: Optional[int] = None) -> ExportReport:
+                     opset: Optional[int] = None, classes=None) -> ExportReport:
     """Export `model` to `out` and verify the file's outputs against eager mode.
 
     `size` is (W, H). `tolerance`: max abs logit difference (default
     1e-4 * (1 + max |logit|)), or for argmax exports the allowed fraction of
     differing pixels (default 1e-3). Raises `ConfigError` for a missing ONNX
-    package and `CheckpointError` when the check fails.
+    package and `CheckpointError` when the check fails. `classes` (a `ClassMap`) names the
+    classes in the file's metadata (default: Cityscapes' for 19 classes).
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
@@ -119,7 +128,7 @@ def export_segmenter(model: nn.Module, fmt: str, out: str | os.PathLike, size: S
     probe = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(1))  # not the tracing input
     with torch.no_grad():
         ref = wrapper(probe)
-    meta = _metadata(model, (w, h), with_argmax)
+    meta = _metadata(model, (w, h), with_argmax, classes)
     if fmt == "torchscript":
         return _export_torchscript(wrapper, example, probe, ref, out, meta, with_argmax, tolerance)
     return _export_onnx(wrapper, example, probe, ref, out, meta, with_argmax, tolerance, opset)

@@ -12,10 +12,12 @@ from ..utils.files import atomic_write
 from ..data.labels import PALETTE
 
 
-def colorize_tensor(labels: torch.Tensor) -> torch.Tensor:
-    """(B,H,W) train ids -> (B,3,H,W) float colours in [0,1]; ignore (255) black."""
+def colorize_tensor(labels: torch.Tensor, palette=None) -> torch.Tensor:
+    """(B,H,W) train ids -> (B,3,H,W) float colours in [0,1] (the Cityscapes colours, or
+    `palette`: a dataset's own); ignore (255) black."""
+    palette = PALETTE if palette is None else palette[:255]
     lut = torch.zeros(256, 3, dtype=torch.uint8, device=labels.device)
-    lut[: len(PALETTE)] = torch.as_tensor(PALETTE, device=labels.device)
+    lut[: len(palette)] = torch.as_tensor(palette, device=labels.device)
     return lut[labels.clamp(0, 255).long()].permute(0, 3, 1, 2).float() / 255.0
 
 
@@ -26,6 +28,7 @@ class RunLogger:
         self.bar: Optional[tqdm] = None
         self.tb = None
         self.metrics_file = None
+        self.palette = None  # colours of the image grid: the eval dataset's classes (None: Cityscapes)
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,8 +123,8 @@ class RunLogger:
             h, w = img.shape[-2:]
             pred = predict(model, img, (h, w))
             lbl = torch.nn.functional.interpolate(batch["label"][:1, None].float(), size=(h, w), mode="nearest")
-            rows.append(torch.cat([img.float().cpu(), colorize_tensor(pred).cpu(),
-                                   colorize_tensor(lbl[:, 0].long()).cpu()], dim=3))
+            rows.append(torch.cat([img.float().cpu(), colorize_tensor(pred, self.palette).cpu(),
+                                   colorize_tensor(lbl[:, 0].long(), self.palette).cpu()], dim=3))
             if len(rows) >= num_images:
                 break
         model.train(was_training)

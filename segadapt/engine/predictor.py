@@ -40,6 +40,7 @@ __all__ = [
     "resolve_checkpoint",
     "resolve_device",
     "load_segmenter",
+    "load_segmenter_and_classes",
     "infer_kwargs_from",
     "collect_images",
     "Prediction",
@@ -76,7 +77,31 @@ def load_segmenter(checkpoint: str | os.PathLike, config: Optional[str] = None,
     memory banks) is ignored; a checkpoint's `eval_model` weights (the
     segmenter its evaluation used, e.g. an EMA teacher) win over `model`.
     """
+    model, cfg, _ = load_segmenter_and_classes(checkpoint, config, overrides)
+    return model, cfg
+
+
+def _inline_missing_class_maps(stored: dict, classes: Mapping) -> dict:
+    """The stored config with each class-map file that is not here (another machine) replaced by
+    the class map the checkpoint carries, so that the config still loads."""
+    import copy
+
+    stored = copy.deepcopy(stored)
+    for section in (stored.get("source"), stored.get("target"), (stored.get("eval") or {}).get("data")):
+        spec = section.get("class_map") if isinstance(section, dict) else None
+        if isinstance(spec, str) and not Path(os.path.expanduser(spec)).is_file():
+            section["class_map"] = dict(classes)
+    return stored
+
+
+def load_segmenter_and_classes(checkpoint: str | os.PathLike, config: Optional[str] = None,
+                               overrides: Sequence[str] = ()):
+    """`load_segmenter`, plus the classes the model predicts: a `ClassMap` (names, colours), the
+    one the checkpoint carries unless `config` is given, else the config's evaluation data's;
+    None for the 19 Cityscapes classes. A config whose number of
+    classes is not the checkpoint's is one CheckpointError line."""
     from ..config import CONFIG_FORMAT, load_config
+    from ..data.classmap import class_map_from_dict, classes_of
     from ..models.checkpoints import extract_state_dict, load_state_dict_checked, read_checkpoint
     from ..models.segmenter import build_segmenter
     from .checkpoint import FORMAT
@@ -86,8 +111,24 @@ def load_segmenter(checkpoint: str | os.PathLike, config: Optional[str] = None,
     stored = obj.get("config") if isinstance(obj, Mapping) and obj.get("format") == FORMAT else None
     if config is None and stored is None:
         raise CheckpointError(f"{path} holds no segadapt config: pass --config for its model")
-    cfg = load_config(config, list(overrides), base=stored if config is None else None,
-                      base_version=int(obj.get("version", 1)) if stored is not None else CONFIG_FORMAT)
+    carried = obj.get("classes") if stored is not None and isinstance(obj.get("classes"), Mapping) else None
+    base = stored if config is None else None
+    if base is not None and carried is not None:
+        base = _inline_missing_class_maps(base, carried)
+    cfg = load_config(config, list(overrides), base=base,
+                      base_version=int(obj.get("version", 1)) if base is not None else CONFIG_FORMAT)
+    if stored is not None:
+        trained = int((stored.get("model") or {}).get("num_classes", 19))
+        if trained != cfg.model.num_classes:
+            spec = cfg.eval.data.class_map
+            why = f" (eval.data.class_map {'(inline)' if isinstance(spec, dict) else spec})" if spec else ""
+            raise CheckpointError(f"checkpoint {path} predicts {trained} classes, the config has "
+                                  f"model.num_classes={cfg.model.num_classes}{why}: evaluate it on data with "
+                                  f"{trained} classes")
+    if config is None and carried is not None:  # what the model was trained to predict
+        classes = class_map_from_dict(carried, f"classes stored in {path}")
+    else:
+        classes = classes_of(cfg.eval.data)
     if stored is not None and isinstance(obj.get("eval_model"), Mapping):
         # the weights that were evaluated (e.g. an EMA teacher), when the run saved them apart
         obj = {**obj, "model": obj["eval_model"]}
@@ -96,7 +137,7 @@ def load_segmenter(checkpoint: str | os.PathLike, config: Optional[str] = None,
     # not needed (and maybe not present) here
     model = build_segmenter(dataclasses.replace(cfg.model, pretrained=None))
     load_state_dict_checked(model, sd, fmt, path=str(path), strict_head=True, trained=True)
-    return model.eval(), cfg
+    return model.eval(), cfg, classes
 
 
 def infer_kwargs_from(cfg) -> dict:
@@ -189,13 +230,13 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend the palette colours of `train_ids` over an (H, W, 3) uint8 image."""
+def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5, palette=None) -> np.ndarray:
+    """Blend the palette colours of `train_ids` (Cityscapes', or `palette`) over an (H, W, 3) uint8 image."""
     out = np.empty_like(image)
     rows = 256  # float temporaries for a band of rows, not for the whole (maybe huge) image
     for y in range(0, image.shape[0], rows):
         blend = ((1.0 - alpha) * image[y:y + rows].astype(np.float32)
-                 + alpha * colorize(train_ids[y:y + rows]).astype(np.float32))
+                 + alpha * colorize(train_ids[y:y + rows], palette).astype(np.float32))
         out[y:y + rows] = np.clip(np.rint(blend), 0, 255)
     return out
 
@@ -206,12 +247,13 @@ class Predictor:
     `infer_kwargs` are `predict_logits` options (mode, crop, stride, scales,
     flip); `size` (W, H) is the model input size, None = each image's own.
     `strip_bytes` / `strip_rows`: the band of rows in which full-size scores are made.
+    `palette`: (C, 3) colours of the written colour and overlay images (default Cityscapes').
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu",
                  infer_kwargs: Optional[Mapping] = None, size: Optional[Sequence[int]] = None,
                  batch_size: int = 1, amp_dtype: Optional[torch.dtype] = None,
-                 strip_bytes: int = 64 << 20, strip_rows: Optional[int] = None):
+                 strip_bytes: int = 64 << 20, strip_rows: Optional[int] = None, palette=None):
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be positive, got {batch_size}")
         if size is not None and (len(size) != 2 or min(size) <= 0):
@@ -226,6 +268,7 @@ class Predictor:
         # of float32 per band (or exactly `strip_rows` rows)
         self.strip_bytes = int(strip_bytes)
         self.strip_rows = strip_rows
+        self.palette = None if palette is None else np.asarray(palette, dtype=np.uint8)
         views = len(tuple(self.infer_kwargs.get("scales", (1.0,)))) * (2 if self.infer_kwargs.get("flip") else 1)
         self._returns_logits = views == 1  # several views come back as averaged probabilities
 
@@ -331,7 +374,8 @@ class Predictor:
                     continue
                 preds = self.predict_arrays([g[2] for g in good], maps=entropy)
                 for (path, name, image), pred in zip(good, preds):
-                    pending.append((path, writers.submit(_write_outputs, out_dir, name, image, pred, alpha)))
+                    pending.append((path, writers.submit(_write_outputs, out_dir, name, image, pred, alpha,
+                                                         self.palette)))
                 self._drain(pending, summary, fail, bar, keep=2 * self.batch_size)
             self._drain(pending, summary, fail, bar, keep=0)
         bar.close()
@@ -362,11 +406,12 @@ def _try_read(path: Path):
         return None, _reason(e, path)
 
 
-def _write_outputs(out_dir: Path, name: str, image: np.ndarray, pred: Prediction, alpha: float) -> Path:
+def _write_outputs(out_dir: Path, name: str, image: np.ndarray, pred: Prediction, alpha: float,
+                   palette=None) -> Path:
     trainid = out_dir / f"{name}_trainid.png"
     write_png(trainid, pred.train_ids)
-    write_png(out_dir / f"{name}_color.png", colorize(pred.train_ids))
-    write_png(out_dir / f"{name}_overlay.png", overlay(image, pred.train_ids, alpha))
+    write_png(out_dir / f"{name}_color.png", colorize(pred.train_ids, palette))
+    write_png(out_dir / f"{name}_overlay.png", overlay(image, pred.train_ids, alpha, palette))
     if pred.entropy is not None:
         write_png(out_dir / f"{name}_entropy.png", pred.entropy)
         write_png(out_dir / f"{name}_confidence.png", pred.confidence)

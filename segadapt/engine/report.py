@@ -384,11 +384,12 @@ def samples_figure(run: Run, num_images: int, device="cpu", tile_width: int = 38
     from ..data.labels import IGNORE_INDEX, colorize
     from ..data.transforms import resize_image
     from .inference import predict
-    from .predictor import infer_kwargs_from, load_segmenter
+    from .predictor import infer_kwargs_from, load_segmenter_and_classes
 
     if run.checkpoint is None:
         raise ConfigError(f"{run.path} has no final.pth or last.pth")
-    model, cfg = load_segmenter(run.checkpoint)
+    model, cfg, classes = load_segmenter_and_classes(run.checkpoint)
+    palette = classes.palette if classes is not None else None  # the run's dataset colours
     model.to(device)
     dataset = build_dataset(cfg.eval.data)
     infer = infer_kwargs_from(cfg)
@@ -401,13 +402,13 @@ def samples_figure(run: Run, num_images: int, device="cpu", tile_width: int = 38
         pred = predict(model, image, out_hw, **infer)[0].cpu().numpy()
         rgb = (item["image"].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
         rgb = resize_image(rgb, (out_hw[1], out_hw[0]))
-        row = [_tile(rgb, tile_width, False), _tile(colorize(pred), tile_width, True)]
+        row = [_tile(rgb, tile_width, False), _tile(colorize(pred, palette), tile_width, True)]
         if label is not None:
             lbl = label.numpy()
             err = np.zeros(lbl.shape + (3,), dtype=np.uint8)
             err[(lbl != IGNORE_INDEX) & (lbl != pred)] = 255
             err[lbl == IGNORE_INDEX] = 100
-            row += [_tile(colorize(lbl), tile_width, True), _tile(err, tile_width, True)]
+            row += [_tile(colorize(lbl, palette), tile_width, True), _tile(err, tile_width, True)]
         rows.append((item.get("name", str(i)), row))
     if not rows:
         raise ConfigError(f"the eval set of {run.path} is empty")

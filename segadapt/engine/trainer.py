@@ -125,16 +125,23 @@ def build_eval_loader(cfg: Config, dataset=None, num_workers: Optional[int] = No
                       generator=torch.Generator().manual_seed(0))
 
 
-def eval_kwargs(cfg: Config) -> dict:
+def eval_kwargs(cfg: Config, dataset=None) -> dict:
+    """`evaluate` keyword arguments of a config; with the evaluation `dataset`, its class names
+    when it has a class map of its own (else the default names, as without a dataset)."""
     infer = inference_options(cfg.eval)
-    if cfg.eval.subsets == "none":
-        subsets = {}
+    own = dataset.classes if getattr(dataset, "has_class_map", False) else None
+    if cfg.eval.subsets == "none" or (own is not None and cfg.eval.subsets == "auto"):
+        subsets = {}  # the SYNTHIA subsets are Cityscapes train ids
     elif cfg.eval.subsets == "synthia":
+        if own is not None and own.num_classes != 19:
+            raise ConfigError(f"eval.subsets=synthia needs the 19 Cityscapes classes; eval.data.class_map has "
+                              f"{own.num_classes}: set eval.subsets=none")
         subsets = subsets_for("synthia")
     else:
         subsets = subsets_for(cfg.source.kind)
     return {"num_classes": cfg.model.num_classes, "infer": infer, "subsets": subsets,
-            "amp_dtype": AMP_DTYPES.get(cfg.train.amp)}
+            "amp_dtype": AMP_DTYPES.get(cfg.train.amp),
+            "class_names": list(own.names) if own is not None else None}
 
 
 class Trainer:
@@ -204,6 +211,8 @@ class Trainer:
         self.last_good: Optional[int] = None  # iteration of the last checkpoint written (and checked finite)
         self.history: list[dict] = []
         self.logger = RunLogger(self.out_dir, cfg, enabled=self.is_main, tensorboard=tc.tensorboard)
+        if getattr(self.eval_ds, "has_class_map", False):
+            self.logger.palette = self.eval_ds.classes.palette
         if resume is not None:
             ckpt = load_checkpoint(resume)
             self._restore(ckpt, resume)
@@ -248,6 +257,10 @@ class Trainer:
             # what evaluation scored, when it is not the student (e.g. an EMA teacher)
             **({"eval_model": self.method.eval_model().state_dict()}
                if self.method.eval_model() is not self.model else {}),
+            # the classes the model predicts (names, ids, colours): predict and export read them
+            # here, so a checkpoint needs no class-map file beside it
+            **({"classes": self.eval_ds.classes.to_dict()} if getattr(self.eval_ds, "has_class_map", False)
+               else {}),
         }
 
     def _restore(self, ckpt: dict, where: str) -> None:
@@ -332,7 +345,7 @@ class Trainer:
         dist_utils.broadcast_buffers(self.method)  # evaluate (and save) rank 0's model on every rank
         loader = build_eval_loader(self.cfg, self.eval_ds)
         result = evaluate(self.method.eval_model(), loader, device=self.device, progress=self.progress,
-                          class_names=None, **eval_kwargs(self.cfg))
+                          **eval_kwargs(self.cfg, self.eval_ds))
         result.meta.update({"iteration": iteration, "method": self.cfg.method.name, "config": self.cfg.name,
                             "seed": self.cfg.train.seed, "eval_root": self.cfg.eval.data.root,
                             "eval_split": self.cfg.eval.data.split})
