@@ -13,6 +13,12 @@ import os
 import sys
 from pathlib import Path
 
+from .utils.threads import prefer_passive_waiting
+
+# before anything loads torch (and its OpenMP runtime): idle threads sleep instead of spinning, so
+# a busy neighbour slows training far less (segadapt/utils/threads.py); the user's own setting wins
+prefer_passive_waiting()
+
 DEFAULT_CONFIG = "synthetic/source_only"
 
 
@@ -31,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"config file or packaged name (default: {DEFAULT_CONFIG}); see `segadapt configs`")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint or run folder (default: this config's out_dir/last.pth); "
-                        "only cadence, workers, paths and train.iters may be overridden")
+                        "only cadence, workers, threads, paths and train.iters may be overridden, on the command "
+                        "line or by a change to the -c file since the run started")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in the run folder (default: refuse)")
     p.add_argument("--out", default=None, help="run folder (overrides out_dir)")
@@ -105,14 +112,26 @@ def cmd_train(args) -> int:
             overrides.insert(0, args.resume)
             args.resume = "auto"
         # the run continues with the configuration it started with (plus the overrides it allows)
-        cfg, resume = resume_config(args.resume, overrides, args.config, DEFAULT_CONFIG)
+        cfg, resume, config_file = resume_config(args.resume, overrides, args.config, DEFAULT_CONFIG)
     else:
+        from .engine.run_folder import config_file_record
+
         cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+        config_file = config_file_record(args.config or DEFAULT_CONFIG)  # what a later --resume -c compares
+    from .engine.run_folder import LOCK_NAME, missing_folders, remove_unused_run_folder
     from .utils.files import ensure_writable
 
-    for name in ("last.pth", "final.pth"):  # a run that could not save its checkpoints fails now, not hours later
-        ensure_writable(Path(cfg.out_dir) / name)
-    result = train_from_config(cfg, resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
+    out_dir = Path(cfg.out_dir)
+    created, lock_existed = missing_folders(out_dir), (out_dir / LOCK_NAME).exists()
+    try:
+        for name in ("last.pth", "final.pth"):  # a run that could not save its checkpoints fails now, not hours later
+            ensure_writable(out_dir / name)
+        result = train_from_config(cfg, resume=resume, progress=not args.no_progress, overwrite=args.overwrite,
+                                   config_file=config_file)
+    except BaseException:
+        if _is_main():  # refused before anything was written: no empty run folder left behind
+            remove_unused_run_folder(out_dir, created, lock_existed)
+        raise
     if result is not None and _is_main():
         print(result.table())
         print(f"results written to {cfg.out_dir}/results.{{md,csv,json}}")
@@ -226,6 +245,24 @@ def _os_error_line(e: OSError) -> str:
     return f"cannot write {path}: {cause}" if e.errno in _WRITE_ERRNOS else f"{path}: {cause}"
 
 
+def _one_line_warnings(command: str) -> None:
+    """segadapt's own warnings (SegadaptWarning) as one line each, like its errors; other
+    libraries' warnings keep Python's format."""
+    import warnings
+
+    from .errors import SegadaptWarning
+
+    python_format = getattr(warnings.formatwarning, "_python_format", warnings.formatwarning)
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if isinstance(category, type) and issubclass(category, SegadaptWarning):
+            return f"segadapt {command}: warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    formatwarning._python_format = python_format
+    warnings.formatwarning = formatwarning
+
+
 def main(argv=None) -> int:
     distributed = [False]
     code = _main(argv, distributed)
@@ -249,18 +286,22 @@ def _main(argv, distributed: list) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     from .engine.host_memory import tune_malloc
-    from .errors import SegadaptError
+    from .errors import PeerError, SegadaptError
 
     tune_malloc()  # before the first tensor: freed tensors stay reusable (see engine/host_memory.py)
+    _one_line_warnings(args.command)
     handlers = {"train": cmd_train, "test": cmd_test, "synth": cmd_synth, "configs": cmd_configs}
     finished = False
     try:
         code = handlers[args.command](args) if args.command in handlers else args.func(args)
         finished = True
         return code
+    except PeerError:
+        return 2  # another rank printed the error
     except SegadaptError as e:
         if args.debug:
             raise
+        sys.stdout.flush()  # what the command printed comes first, the error line last
         print(f"segadapt {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -274,6 +315,7 @@ def _main(argv, distributed: list) -> int:
         # folder in the way, met anywhere (mkdir, a results file, a worker)
         if args.debug:
             raise
+        sys.stdout.flush()
         print(f"segadapt {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
         return 2
     finally:

@@ -212,6 +212,15 @@ class TrainConfig:
     tensorboard: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms
     init_from: Optional[str] = None  # segmenter weights to start from (any loadable format)
+    # CPU threads of the training loop: auto = the usable cores (affinity, cgroup quota), fewer
+    # while other work keeps cores busy; OMP_NUM_THREADS in the environment wins over auto.
+    # N = exactly N (see segadapt/utils/threads.py)
+    threads: Union[int, str] = "auto"
+
+    def __post_init__(self):
+        if self.threads != "auto" and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                       or self.threads < 1):
+            raise ConfigError(f"train.threads must be auto or a positive number of threads, got {self.threads!r}")
 
 
 @dataclass
@@ -685,6 +694,23 @@ def _plugin_paths(entries: list[str], origins: _Origins) -> list[str]:
             e = str(p.resolve()) if p.is_file() else e
         out.append(e)
     return out
+
+
+def config_file_values(path: str) -> dict:
+    """The dotted keys that config file `path` (with its `_base_` files) sets, with their values
+    as written (references unresolved; lists and the method's options flattened by key).
+    `train --resume -c FILE` compares them with those recorded at the run's start: what differs
+    is the file's change."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    return flat(_load_tree(resolve_config_path(path), _Origins()))
 
 
 def _deep_defaults() -> dict:

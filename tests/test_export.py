@@ -104,3 +104,54 @@ def test_size_is_required_without_eval_resize(run_dir, tmp_path, capsys):
     assert code == 2
     err = stderr_lines(capsys)
     assert len(err) == 1 and "--size" in err[0]
+
+
+# every backbone family, tiny, from scratch: what matters is the traced/exported graph
+BACKBONES = {
+    "resnet18": ["model.backbone=resnet18", "model.base_width=8"],
+    "resnet50_v1c": ["model.backbone=resnet50", "model.base_width=8", "model.resnet_style=v1c"],
+    "mit_b0": ["model.arch=encoder_decoder", "model.backbone=mit_b0", "model.embed_dims=[16,32,80,128]",
+               "model.head_channels=16", "model.aux=false"],
+    "dinov2_vits14": ["model.arch=encoder_decoder", "model.backbone=dinov2_vits14", "model.embed_dims=[32]",
+                      "model.vit_depth=2", "model.vit_heads=2", "model.head_channels=16", "model.aux=false"],
+    "mobilenetv2": ["model.arch=encoder_decoder", "model.backbone=mobilenetv2", "model.decode_head=aspp",
+                    "model.aux=true"],
+}
+
+
+@pytest.fixture(scope="module")
+def backbone_checkpoints(tmp_path_factory):
+    from segadapt.config import load_config
+    from segadapt.engine.checkpoint import FORMAT, VERSION
+    from segadapt.models.segmenter import build_segmenter
+
+    folder = tmp_path_factory.mktemp("backbones")
+    paths = {}
+    for name, overrides in BACKBONES.items():
+        cfg = load_config("synthetic/source_only", overrides)
+        torch.manual_seed(0)
+        model = build_segmenter(cfg.model)
+        paths[name] = folder / f"{name}.pth"
+        torch.save({"format": FORMAT, "version": VERSION, "iteration": 0, "config": cfg.to_dict(),
+                    "model": model.state_dict()}, paths[name])
+    return paths
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_every_backbone_exports_in_every_format(backbone, fmt, backbone_checkpoints, tmp_path, capsys):
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+        pytest.importorskip("onnxscript")
+    # 70 x 42: a multiple of neither the ViT patch (14) nor the CNN stride (8); 56 x 28: of 14
+    sizes = [("70", "42"), ("56", "28")] if backbone == "dinov2_vits14" else [("70", "42")]
+    for w, h in sizes:
+        for argmax in ([], ["--with-argmax"]):
+            out = tmp_path / f"m_{w}x{h}{'_ids' if argmax else ''}.{fmt}"
+            code = main(["export", str(backbone_checkpoints[backbone]), "--format", fmt, "--out", str(out),
+                         "--size", w, h, *argmax])
+            captured = capsys.readouterr()
+            assert code == 0, captured.err
+            assert captured.err.strip() == ""  # no tracer or exporter chatter
+            assert f"exported {fmt} to {out}" in captured.out and out.is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no .partial or temporary left

@@ -307,3 +307,208 @@ def test_mixed_sizes_in_one_batch_name_the_files(tiny_synth, tmp_path, capsys):
     line = one_line_error(capsys, code, "images in one batch differ in size", f"{odd} is 80x40", "is 64x32",
                           "crop")
     assert line.count(" is ") == 2
+
+
+# --------------------------------------------------------------------------- a real full disk
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """Factory: a real tmpfs of `size` (mount's syntax: 2m, 3000k) under tmp_path. Skips where
+    mounting is not allowed (not root, no CAP_SYS_ADMIN, no mount command)."""
+    import subprocess
+
+    mounted = []
+
+    def make(size: str):
+        folder = tmp_path / f"tmpfs{len(mounted)}"
+        folder.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command: the real full-disk case needs a small tmpfs")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not permitted'})")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False, capture_output=True)
+
+
+def fill(folder, leave: int) -> None:
+    """Fill the file system of `folder` until about `leave` bytes are free."""
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    with open(folder / "filler", "ab") as f:  # added to: rewriting would free the old filler first
+        f.write(b"\0" * max(0, free - leave))
+
+
+def test_real_full_disk_at_a_checkpoint_keeps_the_earlier_one(tiny_synth, tiny_run, small_tmpfs, capsys):
+    size = (tiny_run / "last.pth").stat().st_size
+    # room for one checkpoint and the run's records, not for the second checkpoint's temporary file
+    disk = small_tmpfs(f"{size * 3 // 2 // 1024}k")
+    out = disk / "run"
+    code = main(["train", "--no-progress", *tiny_overrides(tiny_synth, out, **{"train.iters": 6,
+                                                                                "train.ckpt_every": 3})])
+    line = one_line_error(capsys, code, f"cannot write {out / 'last.pth'}: No space left on device",
+                          "last good checkpoint", "(iteration 3)")
+    assert "enforce fail" not in line
+    assert torch.load(out / "last.pth", weights_only=False)["iteration"] == 3  # intact, loadable
+    assert no_temp_files(out) and not (out / "final.pth").exists()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_real_full_disk_at_an_export_is_one_line(fmt, tiny_run, small_tmpfs, capsys):
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+        pytest.importorskip("onnxscript")
+    disk = small_tmpfs("2m")
+    out = disk / f"m.{fmt}"
+    out.write_text("an earlier export\n")
+    fill(disk, leave=200 * 1024)  # the tiny model's export is about 1 MB
+    code = main(["export", str(tiny_run), "--format", fmt, "--out", str(out), "--size", "64", "32"])
+    one_line_error(capsys, code, f"cannot write {out}: No space left on device")
+    assert out.read_text() == "an earlier export\n"
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", out.name]  # no .partial, no temporary
+
+
+def _cli_with_file_size_limit(limit: int, argv: list):
+    """`segadapt ARGV` in a child process whose files may not grow past `limit` bytes: writes fail
+    with EFBIG (SIGXFSZ ignored), a real OS error met by every writer, no mount needed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
+            "from segadapt.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def _single_error_line(p, *needles) -> str:
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_file_size_limit_at_a_checkpoint_keeps_the_earlier_one(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = (run / "last.pth").read_bytes()
+    p = _cli_with_file_size_limit(100_000, ["train", "--no-progress", "--resume", str(run), "train.iters=3"])
+    _single_error_line(p, f"cannot write {run / 'last.pth'}: File too large", "(iteration 2)")
+    assert (run / "last.pth").read_bytes() == before and no_temp_files(run)
+
+
+def test_file_size_limit_at_an_export_is_one_line(tiny_run, tmp_path):
+    out = tmp_path / "m.pt"
+    out.write_text("an earlier export\n")
+    p = _cli_with_file_size_limit(100_000, ["export", str(tiny_run), "--format", "torchscript", "--out", str(out),
+                                            "--size", "64", "32"])
+    _single_error_line(p, f"cannot write {out}: File too large")
+    assert out.read_text() == "an earlier export\n" and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_training_on_jpeg_labels_warns_once_naming_a_file(tiny_synth, tmp_path):
+    """JPEG bytes behind a .png name: training goes on (prepare --check is the full audit) but
+    says so once, on one line, naming the file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = tmp_path / "bench"
+    shutil.copytree(tiny_synth, bench)
+    labels = sorted((bench / "source" / "labels").glob("*.png"))
+    for lab in labels:  # road over sidewalk: the compression blurs the edge, every id stays a Cityscapes id
+        ids = np.full(np.asarray(Image.open(lab)).shape, 7, np.uint8)
+        ids[ids.shape[0] // 2:] = 8
+        Image.fromarray(ids).save(lab, format="JPEG", quality=95)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "segadapt", "train", "--no-progress",
+                        *tiny_overrides(bench, tmp_path / "run", **{"train.iters": 2, "train.ckpt_every": 2})],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    warned = [ln for ln in p.stderr.splitlines() if "JPEG" in ln]
+    assert len(warned) == 1 and warned[0].startswith("segadapt train: warning: "), p.stderr
+    assert any(str(lab) in warned[0] for lab in labels) and "prepare --check" in warned[0]
+    assert "Traceback" not in p.stderr and "UserWarning" not in p.stderr
+
+
+def test_prepare_check_ends_with_its_verdict(target_copy, capsys):
+    code, out = _prepare_check(target_copy, capsys)
+    assert code == 0 and out.strip().splitlines()[-1].startswith("problems: none (4 images and 4 labels checked)")
+    label = sorted((target_copy / "gtFine" / "val").rglob("*_labelIds.png"))[0]
+    Image.fromarray(np.asarray(Image.open(label))).save(label, format="JPEG", quality=95)
+    code = main(["prepare", "--kind", "cityscapes", "--root", str(target_copy), "--split", "val", "--check",
+                 "--no-progress", "--workers", "0"])
+    captured = capsys.readouterr()
+    # the histogram first, the problems after it, the verdict last (alone on stderr)
+    assert captured.out.index("class histogram") < captured.out.index("lossy label (1)")
+    err = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1, captured.err
+    assert err[0].startswith("segadapt prepare: error: ") and "lossy label 1" in err[0] and "listed above" in err[0]
+
+
+def test_real_full_disk_keeps_earlier_results_whole_and_names_the_output(tiny_run, tiny_synth, small_tmpfs, capsys):
+    disk = small_tmpfs("2m")
+    out = disk / "t"
+    assert main(["test", str(tiny_run), "--no-progress", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    fill(disk, leave=6000)  # room for one of the three files, not for the set
+    code = main(["test", str(tiny_run), "--no-progress", "--out", str(out), "eval.max_images=2"])
+    one_line_error(capsys, code, f"cannot write {out}/results.", "No space left on device")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier set, whole
+    # the synthetic generator names its output folder, not a temporary one, and leaves nothing
+    code = main(["synth", "--out", str(disk / "bench"), "--num-source", "4", "--num-source-val", "1",
+                 "--num-target-train", "2", "--num-target-val", "1", "--size", "64", "32", "--workers", "1"])
+    one_line_error(capsys, code, f"cannot write {disk / 'bench'}: No space left on device")
+    # a run whose lock file cannot be written: one line, no folder left behind
+    fill(disk, leave=0)
+    code = main(["train", "--no-progress", *tiny_overrides(tiny_synth, disk / "run")])
+    one_line_error(capsys, code, f"cannot write {disk / 'run' / '.lock'}: No space left on device")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "t"]
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--size", "30000", "30000"], ["--size 30000 30000", "GiB of memory", "choose a smaller size"]),
+    (["--size", "64", "32", "--tolerance", "-1"], ["--tolerance", "non-negative", "-1.0"]),
+    (["--size", "64", "32", "--with-argmax", "--tolerance", "2"], ["--tolerance", "fraction of pixels in [0, 1]"]),
+], ids=["huge-size", "negative-tolerance", "argmax-tolerance-above-1"])
+def test_bad_export_options_are_one_line(extra, needles, tiny_run, tmp_path, capsys):
+    code = main(["export", str(tiny_run), "--format", "torchscript", "--out", str(tmp_path / "m.pt"), *extra])
+    one_line_error(capsys, code, *needles)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_out_naming_a_folder_is_one_line(tiny_run, tmp_path, capsys):
+    code = main(["export", str(tiny_run), "--format", "torchscript", "--out", f"{tmp_path}/models/", "--size", "64",
+                 "32"])
+    one_line_error(capsys, code, "names a folder", f"{tmp_path}/models/model.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("opset, needles", [
+    ("3", ["--opset 3", "could not convert this model to opset 3", "choose one from"]),
+    ("99", ["--opset 99", "knows opsets 1 to"]),
+])
+def test_onnx_opset_the_exporter_cannot_make_is_one_line(opset, needles, tiny_run, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    code = main(["export", str(tiny_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--size", "64", "32",
+                 "--opset", opset])
+    one_line_error(capsys, code, *needles)  # not exit 0 with the converter's traceback and opset 18 inside
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_real_full_disk_at_the_run_records_names_the_file(tiny_synth, small_tmpfs, capsys):
+    disk = small_tmpfs("1m")
+    fill(disk, leave=9000)  # tmpfs pages: the lock, config.yaml, then metrics.jsonl's first record fails
+    out = disk / "run"
+    code = main(["train", "--no-progress", *tiny_overrides(tiny_synth, out)])
+    line = one_line_error(capsys, code, "cannot write", str(out), "No space left on device")
+    assert line.split("cannot write ")[1].startswith(str(out / ""))  # names the file, not `cannot write:`

@@ -8,12 +8,14 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from segadapt.cli import main
+from segadapt.config import PACKAGE_CONFIG_DIR
 from segadapt.engine.checkpoint import load_checkpoint
 from segadapt.methods.source_only import SourceOnly
 
@@ -246,3 +248,158 @@ def test_resume_continues_in_the_folder_its_checkpoint_is_in(tiny_synth, run2, t
     (early / "config.yaml").write_text("name: run\n")
     capsys.readouterr()
     error_line(capsys, train(tiny_synth, early, **{"train.iters": 2}), "wrote no checkpoint", "--overwrite")
+
+
+# ------------------------------------------------------------------ 4b. resume against an edited -c file
+def _tiny_yaml(path, tiny_synth, out, **changes):
+    """A config file holding the tiny run's settings (what `-c` names), with `changes` (dotted keys)."""
+    tree: dict = {"_base_": str(Path(PACKAGE_CONFIG_DIR) / "synthetic" / "source_only.yaml")}
+    for item in tiny_overrides(tiny_synth, out, **{"train.iters": 2, "train.ckpt_every": 2, **changes}):
+        key, value = item.split("=", 1)
+        node = tree
+        for part in key.split(".")[:-1]:
+            node = node.setdefault(part, {})
+        node[key.split(".")[-1]] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_resume_against_an_edited_config_file(tiny_synth, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg_file = _tiny_yaml(tmp_path / "same.yaml", tiny_synth, out)
+    assert main(["train", "--no-progress", "-c", str(cfg_file)]) == 0
+    recorded, last = (out / "config.yaml").read_text(), (out / "last.pth").read_bytes()
+    capsys.readouterr()
+    # a trajectory key changed in the file: refused like the same override, naming the file
+    _tiny_yaml(cfg_file, tiny_synth, out, **{"optim.lr": 0.01})
+    error_line(capsys, main(["train", "--no-progress", "--resume", "-c", str(cfg_file)]),
+               "optim.lr was 0.001 in the checkpoint, 0.01 in -c", "same.yaml")
+    assert (out / "config.yaml").read_text() == recorded and (out / "last.pth").read_bytes() == last
+    # ... and the command line still wins over the file
+    assert main(["train", "--no-progress", "--resume", "-c", str(cfg_file), "optim.lr=0.001"]) == 0
+    capsys.readouterr()
+    # an allowed key changed in the file takes effect, is said and recorded
+    _tiny_yaml(cfg_file, tiny_synth, out, **{"train.iters": 3})
+    assert main(["train", "--no-progress", "--resume", "-c", str(cfg_file)]) == 0
+    assert "train.iters 2 -> 3 (changed in -c" in capsys.readouterr().err
+    assert load_checkpoint(out / "final.pth")["iteration"] == 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["iters"] == 3
+    # the file as it is now was recorded: resuming with it again changes nothing
+    assert main(["train", "--no-progress", "--resume", "-c", str(cfg_file)]) == 0
+    assert "changed in -c" not in capsys.readouterr().err
+    assert load_checkpoint(out / "final.pth")["iteration"] == 3
+    # started with an override the file does not hold: an unchanged file is no change
+    other = tmp_path / "other"
+    cfg2 = _tiny_yaml(tmp_path / "two.yaml", tiny_synth, other)
+    assert main(["train", "--no-progress", "-c", str(cfg2), "optim.lr=0.002"]) == 0
+    assert main(["train", "--no-progress", "--resume", "-c", str(cfg2), "train.iters=3"]) == 0
+    assert load_checkpoint(other / "final.pth")["config"]["optim"]["lr"] == 0.002
+
+
+def test_resume_checks_method_keys_against_the_run(tiny_synth, tmp_path, capsys):
+    out = tmp_path / "advent"
+    assert train(tiny_synth, out, "-c", "synthetic/advent", **{"train.iters": 2, "train.ckpt_every": 2}) == 0
+    capsys.readouterr()
+    # no -c: the key is the AdvEnt run's, not unknown to the default config
+    error_line(capsys, main(["train", "--no-progress", "--resume", "method.adv_weight_main=0.5", f"out_dir={out}"]),
+               "method.adv_weight_main was 0.001 in the checkpoint, 0.5 given")
+    # the run's own value is a no-op
+    assert main(["train", "--no-progress", "--resume", "method.adv_weight_main=0.001", f"out_dir={out}",
+                 "train.iters=3"]) == 0
+    assert load_checkpoint(out / "final.pth")["iteration"] == 3
+    error_line(capsys, main(["train", "--resume", str(out), "method.no_such_key=1"]), "method.no_such_key")
+
+
+@pytest.mark.parametrize("damage, needles", [
+    (lambda ck: {"state_dict": ck["model"]}, ["is not a segadapt training checkpoint"]),
+    (lambda ck: {k: v for k, v in ck.items() if k != "config"}, ["lacks 'config'", "cannot resume"]),
+    (lambda ck: {k: v for k, v in ck.items() if k not in ("streams", "rng")}, ["lacks 'rng', 'streams'"]),
+    (lambda ck: {**ck, "streams": {}}, ["data-stream or RNG state is unusable", "no entry 'source'"]),
+], ids=["plain-state-dict", "no-config", "no-rng-streams", "empty-streams"])
+def test_resume_from_a_cut_down_checkpoint_is_one_line(damage, needles, run2, tmp_path, capsys):
+    path = tmp_path / "cut.pth"
+    torch.save(damage(torch.load(run2 / "last.pth", weights_only=False)), path)
+    before = {p.name: p.read_bytes() for p in run2.iterdir() if p.is_file()}
+    capsys.readouterr()
+    error_line(capsys, main(["train", "--no-progress", "--resume", str(path), f"out_dir={tmp_path / 'r'}"]),
+               str(path), *needles)
+    assert {p.name: p.read_bytes() for p in run2.iterdir() if p.is_file()} == before
+
+
+# ------------------------------------------------------------------ 1b. refused runs leave nothing
+def test_a_run_refused_before_it_starts_leaves_no_folder(tiny_synth, tmp_path, capsys):
+    new = tmp_path / "runs" / "a" / "seed0"
+    error_line(capsys, train(tiny_synth, new, "model.backbone=resnet999"), "model.backbone", "resnet999")
+    assert not (tmp_path / "runs").exists()  # nothing was written: no folder holding only .lock
+    empty = tmp_path / "mine"
+    empty.mkdir()  # the user's own (empty) folder stays, empty
+    error_line(capsys, train(tiny_synth, empty, "model.backbone=resnet999"), "resnet999")
+    assert empty.is_dir() and list(empty.iterdir()) == []
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_torchrun_into_a_held_run_folder_is_one_line(tiny_synth, run2, tmp_path):
+    import os
+
+    before = {p.name: p.read_bytes() for p in run2.iterdir() if p.is_file() and p.name != ".lock"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    with open(run2 / ".lock", "a") as held:  # the first run is still training
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "segadapt", "train", "--no-progress", "--overwrite",
+                            *tiny_overrides(tiny_synth, run2, **{"train.iters": 2, "train.device": "cpu"})],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode != 0
+    ours = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("segadapt train")]
+    assert len(ours) == 1 and "is in use by" in ours[0] and str(run2) in ours[0], p.stderr[-3000:]
+    # no rank prints a traceback (what remains is torchrun's own summary of the failed launch)
+    assert not [ln for ln in p.stderr.splitlines() if ln.startswith("[rank")], p.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in run2.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
+# ------------------------------------------------------------------ 5. train.compile that cannot compile
+def _compile_lines(err: str) -> list:
+    return [ln for ln in err.splitlines() if ln.strip()]
+
+
+def test_compile_with_a_compiler_that_does_not_run_is_one_line(tiny_synth, tmp_path, monkeypatch, capsys):
+    cxx = tmp_path / "g++"
+    cxx.write_text("#!/bin/sh\necho 'cc1plus: fatal error: broken install' >&2\nexit 1\n")
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    assert train(tiny_synth, tmp_path / "run", "train.compile=true", **{"train.iters": 2}) == 0
+    lines = _compile_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "train.compile" in lines[0] and "does not run" in lines[0], lines
+    assert "broken install" in lines[0] and "training uncompiled" in lines[0]
+
+
+def test_compile_that_fails_on_the_graph_gives_up_with_one_line(tiny_synth, tmp_path, capsys):
+    import torch._dynamo
+
+    @torch._dynamo.register_backend(name="segadapt_test_failing")
+    def failing(gm, example_inputs):  # what a broken toolchain does, on every graph
+        raise RuntimeError("compiler exploded\nsee the log for details")
+
+    disable_before = torch._dynamo.config.disable
+    assert train(tiny_synth, tmp_path / "run", "train.compile=true", "train.compile_backend=segadapt_test_failing",
+                 **{"train.iters": 3, "train.log_every": 1}) == 0
+    lines = _compile_lines(capsys.readouterr().err)
+    assert len(lines) == 1, lines[:20]
+    assert "train.compile: compiling failed" in lines[0] and "compiler exploded" in lines[0]
+    assert "given up" in lines[0] and "WON'T CONVERT" not in lines[0]
+    assert torch._dynamo.config.disable == disable_before  # the process is left as it was
+    assert load_checkpoint(tmp_path / "run" / "final.pth")["iteration"] == 3
+
+
+@pytest.mark.parametrize("damage, needles", [
+    (lambda ck: {**ck, "config": "oops"}, ["damaged segadapt training checkpoint", "'config' is a str"]),
+    (lambda ck: {**ck, "config": {**ck["config"], "train": {**ck["config"]["train"], "warp_speed": 9}}},
+     ["its config does not load in this segadapt version", "train.warp_speed"]),
+], ids=["config-not-a-mapping", "config-of-a-newer-version"])
+def test_resume_from_a_checkpoint_with_a_bad_config_is_one_line(damage, needles, run2, tmp_path, capsys):
+    path = tmp_path / "bad.pth"
+    torch.save(damage(torch.load(run2 / "last.pth", weights_only=False)), path)
+    capsys.readouterr()
+    error_line(capsys, main(["train", "--no-progress", "--resume", str(path), f"out_dir={tmp_path / 'r'}"]),
+               str(path), *needles)
+    assert not (tmp_path / "r").exists()

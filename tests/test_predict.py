@@ -94,6 +94,8 @@ def test_corrupt_and_missing_inputs_are_listed_and_exit_1(run_dir, images, tmp_p
     assert any("absent.jpg" in ln and "no such file" in ln for ln in err)
     assert any("2 input(s) failed" in ln for ln in err)
     assert "Traceback" not in "\n".join(err)
+    # the verdict is the last line, the list above it
+    assert err[-1].startswith("segadapt predict: error: 2 input(s) failed (listed above); 3 of 5 inputs segmented")
 
 
 def test_missing_checkpoint_is_one_line_exit_2(images, tmp_path, capsys):

@@ -49,7 +49,8 @@ def test_check_names_every_problem_and_exits_2(tmp_path, capsys):
 
     # without --check the same problems refuse to write a cache
     assert _prepare("--kind", "gta5", "--root", root) == 2
-    assert "not written" in capsys.readouterr().out
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "4 problem(s)" in err[0] and err[0].endswith("class statistics not written")
     assert not (root / STATS_FILE).exists()
 
 

@@ -27,7 +27,6 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     import dataclasses
-    import errno
     import os
 
     from ..utils.files import ensure_writable
@@ -36,6 +35,9 @@ def run(args) -> int:
     from ..engine.run_folder import refuse_output_over_inputs
     from ..errors import ConfigError, SegadaptError, write_error
 
+    if args.out.endswith(("/", os.sep)):  # Path() would drop the slash and write a file of that name
+        suffix = ".onnx" if args.format == "onnx" else ".pt"
+        raise ConfigError(f"--out {args.out} names a folder: give the file, e.g. {args.out}model{suffix}")
     refuse_output_over_inputs(args.out, [("the checkpoint", resolve_checkpoint(args.checkpoint)),
                                          ("the config", args.config)])
     if args.format == "onnx":
@@ -56,10 +58,6 @@ def run(args) -> int:
         raise type(e)(str(e).replace(str(tmp), str(out))) from None
     except OSError as e:
         raise write_error(out, e) from None
-    except RuntimeError as e:
-        if "file write failed" not in str(e):  # torch's own writer on a full disk
-            raise
-        raise write_error(out, OSError(errno.ENOSPC, "write failed (disk full?)")) from None
     finally:
         tmp.unlink(missing_ok=True)
     print(dataclasses.replace(report, path=out).summary())

@@ -86,10 +86,14 @@ def run(args) -> int:
                                       progress=not args.no_progress,
                                       log=lambda msg: tqdm.write(f"segadapt predict: {msg}", file=sys.stderr))
     failed = missing + summary.failed
-    print(f"{len(summary.written)} of {len(images) + len(missing)} inputs segmented; outputs in {args.out}")
+    done = f"{len(summary.written)} of {len(images) + len(missing)} inputs segmented; outputs in {args.out}"
     if failed:
+        sys.stdout.flush()
         print(f"segadapt predict: {len(failed)} input(s) failed:", file=sys.stderr)
         for path, reason in failed:
             print(f"  {path}: {reason}", file=sys.stderr)
+        # the verdict last, on one line
+        print(f"segadapt predict: error: {len(failed)} input(s) failed (listed above); {done}", file=sys.stderr)
         return 1
+    print(done)
     return 0

@@ -235,7 +235,10 @@ def histogram_table(class_pixels, class_images) -> str:
 
 
 def report(res: ScanResult) -> str:
-    lines = [f"{res.kind} {res.root}: {res.images} images, {res.labels} with a label"]
+    """Counts, the class histogram, then the problems: the verdict (`verdict`) follows it."""
+    lines = [f"{res.kind} {res.root}: {res.images} images, {res.labels} with a label",
+             "class histogram (share of labelled pixels, images holding the class):",
+             histogram_table(res.class_pixels, res.class_images)]
     if res.problems:
         lines.append(f"problems: {res.num_problems}")
         for what, msgs in res.problems.items():
@@ -243,11 +246,13 @@ def report(res: ScanResult) -> str:
             lines += [f"    {m}" for m in msgs[:MAX_SHOWN]]
             if len(msgs) > MAX_SHOWN:
                 lines.append(f"    ... and {len(msgs) - MAX_SHOWN} more")
-    else:
-        lines.append("problems: none")
-    lines.append("class histogram (share of labelled pixels, images holding the class):")
-    lines.append(histogram_table(res.class_pixels, res.class_images))
     return "\n".join(lines)
+
+
+def problems_line(res: ScanResult) -> str:
+    """The one-line verdict of a scan with problems (the command's last line)."""
+    kinds = ", ".join(f"{what} {len(msgs)}" for what, msgs in res.problems.items())
+    return f"{res.num_problems} problem(s) in {res.root} ({kinds}), listed above"
 
 
 def run(args) -> int:
@@ -268,11 +273,12 @@ def run(args) -> int:
     res = scan(args.kind, args.root, args.split, args.list_file, workers=max(0, args.workers),
                progress=not args.no_progress)
     print(report(res))
-    if args.check:
-        return 2 if res.problems else 0
+    # the verdict comes last, on one line: an error line when there are problems
     if res.problems:
-        print("class statistics not written: fix the problems above first")
-        return 2
+        raise DatasetError(problems_line(res) + ("" if args.check else "; class statistics not written"))
+    if args.check:
+        print(f"problems: none ({res.images} images and {res.labels} labels checked)")
+        return 0
     out = Path(args.out) if args.out else res.root / STATS_FILE
     try:
         images = read_class_stats(out)  # keep entries of other splits / list files

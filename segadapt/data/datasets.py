@@ -37,7 +37,7 @@ from segadapt.data.transforms import (
     resize_label_cv2_nearest,
     to_tensor,
 )
-from segadapt.errors import ConfigError, DatasetError
+from segadapt.errors import ConfigError, DatasetError, SegadaptWarning
 from segadapt.registry import DATASETS
 
 SIZE_MISMATCH_POLICIES = ("resize", "skip", "error")
@@ -178,6 +178,7 @@ class SegDataset(torch.utils.data.Dataset):
         if self.with_labels and self.size_mismatch == "skip":
             self._drop_mismatched()
         self._warned: set = set()
+        self._lossy_warned = False
         self.cache = bool(getattr(cfg, "cache", False))
         self._cache: dict = {}
 
@@ -317,7 +318,7 @@ class SegDataset(torch.utils.data.Dataset):
             warnings.warn(
                 f"{self.display}: skipped {len(dropped)} sample(s) whose label size differs from the image "
                 f"size: {shown}{' ...' if len(dropped) > 3 else ''}",
-                stacklevel=3,
+                SegadaptWarning, stacklevel=3,
             )
         if not keep:
             raise DatasetError(f"{self.display}: every sample in {self.root} has a label/image size mismatch")
@@ -344,7 +345,26 @@ class SegDataset(torch.utils.data.Dataset):
         path = self.samples[i][1]
         if path is None:
             raise DatasetError(f"{self.display}: sample {self.names[i]} has no label (labels are off)")
-        return map_labels(self._read_label_raw(path), self._lut_for(path), path)
+        raw = self._read_label_raw(path)
+        if not self._lossy_warned:
+            self._warn_if_jpeg(path)
+        return map_labels(raw, self._lut_for(path), path)
+
+    def _warn_if_jpeg(self, path: Path) -> None:
+        """Once per dataset (per data worker): a JPEG label file, whatever its name, has class ids
+        changed at every edge by the compression. Training goes on (the damage is at edges, and
+        the user may know); `segadapt prepare --check` lists every such file, and catches
+        formerly-JPEG PNGs too, which would cost a scan of every label here."""
+        try:
+            with open(path, "rb") as f:
+                is_jpeg = f.read(3) == b"\xff\xd8\xff"
+        except OSError:
+            return
+        if is_jpeg:
+            self._lossy_warned = True
+            warnings.warn(f"{self.display}: label {path} is a JPEG file: lossy compression changes class ids at "
+                          "every edge and training learns them; save labels as PNG (`segadapt prepare --check` "
+                          "lists every lossy label)", SegadaptWarning, stacklevel=3)
 
     def _fit_label(self, label: np.ndarray, image_hw: Tuple[int, int], path: Path, image_path: Path) -> np.ndarray:
         if label.shape == image_hw:
@@ -356,7 +376,8 @@ class SegDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{self.display}: {problem} (size_mismatch: error)")
         if path not in self._warned:
             self._warned.add(path)
-            warnings.warn(f"{self.display}: {problem}; label nearest-resized to the image size", stacklevel=3)
+            warnings.warn(f"{self.display}: {problem}; label nearest-resized to the image size", SegadaptWarning,
+                          stacklevel=3)
         return resize_label(label, (iw, ih))
 
     def _crop(self, image, label, rng):

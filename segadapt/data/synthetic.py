@@ -67,7 +67,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from segadapt.errors import ConfigError, DatasetError
+from segadapt.errors import ConfigError, DatasetError, write_error
 
 FORMAT_VERSION = 1
 MARKER_NAME = "synthetic.json"
@@ -1506,6 +1506,9 @@ def generate(out_dir: Union[str, Path], params: Optional[SynthParams] = None) ->
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)
+    except OSError as e:  # a full disk met by a writer that names no file (PIL's close): name the output
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

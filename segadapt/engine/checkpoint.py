@@ -22,6 +22,11 @@ def rename_state_keys(state: dict, renamed: dict) -> dict:
     return out
 
 
+# what a resume reads besides the iteration (each a dict); `method_extra`, `history` and
+# `eval_model` are optional
+RESUME_KEYS = ("config", "model", "method", "optimizers", "scaler", "rng", "streams")
+
+
 def load_checkpoint(path) -> dict:
     """Load a segadapt training checkpoint (full state)."""
     path = Path(path)
@@ -35,4 +40,14 @@ def load_checkpoint(path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "iteration" not in ckpt:
         raise CheckpointError(f"{path} is not a segadapt training checkpoint (cannot resume from it; "
                               "use train.init_from or model.pretrained for weights only)")
+    # a hand-made or cut-down dict: say so, not KeyError deep in the resume
+    missing = [repr(k) for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)} of a segadapt training checkpoint (it holds "
+                              f"{', '.join(map(repr, list(ckpt)[:8]))}): cannot resume from it; use "
+                              "train.init_from or model.pretrained for weights only")
+    wrong = [f"{k!r} is a {type(ckpt[k]).__name__}" for k in RESUME_KEYS if not isinstance(ckpt[k], dict)]
+    if wrong:
+        raise CheckpointError(f"{path} is a damaged segadapt training checkpoint ({', '.join(wrong)}, not a "
+                              "mapping): cannot resume from it")
     return ckpt

@@ -9,6 +9,7 @@ is checked against the eager model on a random input.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import os
@@ -118,6 +119,10 @@ def export_segmenter(model: nn.Module, fmt: str, out: str | os.PathLike, size: S
     if len(size) != 2 or min(size) <= 0:
         raise ConfigError(f"--size: expected W H with positive sizes, got {list(size)}")
     w, h = int(size[0]), int(size[1])
+    if tolerance is not None and not (0 <= tolerance and (not with_argmax or tolerance <= 1)):
+        what = "a fraction of pixels in [0, 1]" if with_argmax else "a non-negative logit difference"
+        raise ConfigError(f"--tolerance: expected {what}, got {tolerance}")
+    _check_memory(w, h)
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,19 +139,66 @@ def export_segmenter(model: nn.Module, fmt: str, out: str | os.PathLike, size: S
     return _export_onnx(wrapper, example, probe, ref, out, meta, with_argmax, tolerance, opset)
 
 
+#: rough peak of an eager forward, in copies of the input image: a few feature maps of a
+#: stride-8 network alive at once (DeepLabV2's layer4: 2048 channels at 1/64 of the pixels)
+MEMORY_PER_INPUT = 64
+
+
+def _available_memory() -> Optional[int]:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_memory(w: int, h: int) -> None:
+    """Refuse a size whose forward passes cannot fit in memory (the kernel would kill the process,
+    no error to report): an estimate, `MEMORY_PER_INPUT` copies of the float input."""
+    need = MEMORY_PER_INPUT * 3 * 4 * w * h
+    available = _available_memory()
+    if available is not None and need > available:
+        raise ConfigError(f"--size {w} {h}: exporting at this size needs about {need / 2**30:.1f} GiB of memory "
+                          f"(an estimate), {available / 2**30:.1f} GiB are available: choose a smaller size")
+
+
 def _export_torchscript(wrapper, example, probe, ref, out, meta, with_argmax, tolerance) -> ExportReport:
     with warnings.catch_warnings():
         # torch.jit is deprecated in recent torch but remains the way to ship a
-        # Python-free model; the user asked for it explicitly
+        # Python-free model; the user asked for it explicitly. Tracer warnings say that shapes
+        # become constants: the graph is built for one input size, and checked below
         warnings.simplefilter("ignore", DeprecationWarning)
-        with torch.no_grad():
-            traced = torch.jit.trace(wrapper, example, check_trace=False)
-        torch.jit.save(traced, str(out), _extra_files={"segadapt.json": json.dumps(meta)})
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        try:
+            with torch.no_grad():
+                traced = torch.jit.trace(wrapper, example, check_trace=False)
+        except Exception as e:  # noqa: BLE001 - tracer failures come in many types
+            raise CheckpointError(f"TorchScript export to {out} failed: {_one_line(e)}") from None
+        # serialised in memory, then written by Python: torch's C++ file writer aborts the
+        # process on a full disk (an exception in a destructor), a Python write is an OSError
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={"segadapt.json": json.dumps(meta)})
+        _write_bytes(out, buffer.getvalue())
+        del buffer
         loaded = torch.jit.load(str(out), map_location="cpu")
         with torch.no_grad():
             got = loaded(probe)
     diff, bad = _compare(got, ref, with_argmax, tolerance, "torchscript", out)
     return ExportReport(out, "torchscript", diff, bad, ref.numel() if with_argmax else None, True)
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def _write_bytes(out: Path, data: bytes) -> None:
+    """`data` to `out` all or nothing; OutputError("cannot write <out>: <cause>") on failure."""
+    from ..utils.files import atomic_write
+
+    with atomic_write(out) as f:
+        f.write(data)
 
 
 def require_onnx() -> None:
@@ -162,28 +214,39 @@ def _export_onnx(wrapper, example, probe, ref, out, meta, with_argmax, tolerance
     require_onnx()
     import onnx
 
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not 1 <= opset <= newest:
+        raise ConfigError(f"--opset {opset}: the installed onnx package knows opsets 1 to {newest}")
     kwargs = {"opset_version": opset} if opset else {}
-    torch_onnx_log = logging.getLogger("torch.onnx")
-    old_level = torch_onnx_log.level
+    # exporter chatter: deprecations, "torchvision is not installed", the version converter's
+    # tracebacks when it cannot convert (checked below instead)
+    quiet = {name: logging.getLogger(name) for name in ("torch.onnx", "onnxscript")}
+    old_levels = {name: log.level for name, log in quiet.items()}
     with warnings.catch_warnings():
-        # exporter chatter: deprecations, "torchvision is not installed" log lines
         warnings.simplefilter("ignore")
-        torch_onnx_log.setLevel(logging.ERROR)
+        for name, log in quiet.items():
+            log.setLevel(logging.ERROR if name == "torch.onnx" else logging.CRITICAL)
         try:
-            torch.onnx.export(wrapper, (example,), str(out), input_names=["image"],
-                              output_names=["labels" if with_argmax else "logits"], dynamo=True,
-                              external_data=False, verbose=False, **kwargs)
+            # built in memory (no file argument), written below through the atomic writer
+            program = torch.onnx.export(wrapper, (example,), None, input_names=["image"],
+                                        output_names=["labels" if with_argmax else "logits"], dynamo=True,
+                                        external_data=False, verbose=False, **kwargs)
+            proto = program.model_proto
         except Exception as e:  # noqa: BLE001 - exporter failures come in many types
-            first = " ".join(str(e).split())[:300]
-            raise CheckpointError(f"ONNX export to {out} failed: {type(e).__name__}: {first}") from None
+            raise CheckpointError(f"ONNX export to {out} failed: {_one_line(e)}") from None
         finally:
-            torch_onnx_log.setLevel(old_level)
-    proto = onnx.load(str(out))
+            for name, log in quiet.items():
+                log.setLevel(old_levels[name])
+    made = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and made != opset:  # the exporter falls back to its own opset, silently
+        raise CheckpointError(f"--opset {opset}: the exporter could not convert this model to opset {opset} "
+                              f"(it made opset {made}); choose one from {made} to {newest}")
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = f"segadapt.{key}", json.dumps(value)
     onnx.checker.check_model(proto)
-    onnx.save(proto, str(out))
+    _write_bytes(out, proto.SerializeToString())
+    del program, proto
     try:
         import onnxruntime as ort
     except ImportError:

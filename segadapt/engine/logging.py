@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from ..errors import write_error
 from ..utils.files import atomic_write
 from ..data.labels import PALETTE
 
@@ -81,8 +82,7 @@ class RunLogger:
         if not self.enabled:
             return
         rec = {"iteration": it, **{k: round(v, 6) for k, v in values.items()}, "sec_per_iter": round(sec_per_iter, 4)}
-        self.metrics_file.write(json.dumps(rec) + "\n")
-        self.metrics_file.flush()
+        self._append(rec)
         if self.bar is not None:
             short = {k.replace("loss_", ""): f"{v:.3g}" for k, v in values.items() if k.startswith("loss")}
             self.bar.set_postfix(short, refresh=False)
@@ -99,9 +99,8 @@ class RunLogger:
             line += f", {k} {v * 100:.2f}"
         self.info(line)
         if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps({"iteration": it, "eval/mIoU": result.miou,
-                                                **{f"eval/{k}": v for k, v in result.subset_mious.items()}}) + "\n")
-            self.metrics_file.flush()
+            self._append({"iteration": it, "eval/mIoU": result.miou,
+                          **{f"eval/{k}": v for k, v in result.subset_mious.items()}})
         if self.tb is None:
             return
         self.tb.add_scalar("eval/mIoU", result.miou, it)
@@ -137,6 +136,14 @@ class RunLogger:
         else:
             print(msg, flush=True)
 
+    def _append(self, record: dict) -> None:
+        """One line of metrics.jsonl, flushed (a line torn by a full disk or a kill is dropped on resume)."""
+        try:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+        except OSError as e:  # a failed write() names no file
+            raise write_error(self.out_dir / "metrics.jsonl", e) from None
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -145,5 +152,8 @@ class RunLogger:
             self.tb.close()
             self.tb = None
         if self.metrics_file is not None:
-            self.metrics_file.close()
-            self.metrics_file = None
+            f, self.metrics_file = self.metrics_file, None
+            try:
+                f.close()
+            except OSError:  # only a line whose write already failed (and was reported) was left
+                pass

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..utils.files import write_text_atomic
+from ..utils.files import write_texts_atomic
 
 IGNORE_INDEX = 255
 
@@ -378,7 +378,7 @@ class EvalResult:
             "csv": out / f"{stem}.csv",
             "json": out / f"{stem}.json",
         }
-        write_text_atomic(paths["md"], self.to_markdown())
-        write_text_atomic(paths["csv"], self.to_csv())
-        write_text_atomic(paths["json"], self.to_json() + "\n")
+        # one set: a full disk keeps the earlier three whole, never a new file beside old ones
+        write_texts_atomic({paths["md"]: self.to_markdown(), paths["csv"]: self.to_csv(),
+                            paths["json"]: self.to_json() + "\n"})
         return paths

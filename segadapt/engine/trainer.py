@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from ..config import Config, dump_config
 from ..data.datasets import build_dataset, restyled_eval_note
 from ..data.sampling import DataStream
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import CheckpointError, ConfigError, OutputError, SegadaptError, TrainingError, write_error
 from ..methods import StepContext, build_method
 from ..models.checkpoints import load_pretrained
 from ..models.segmenter import build_segmenter
@@ -40,8 +40,9 @@ from .checkpoint import FORMAT, VERSION, load_checkpoint, rename_state_keys
 from .evaluator import evaluate, inference_options, subsets_for
 from .host_memory import tune_malloc
 from .logging import RunLogger
-from .run_folder import prepare_run_folder
+from .run_folder import LOCK_NAME, missing_folders, prepare_run_folder, remove_unused_run_folder
 from ..utils.files import write_text_atomic
+from ..utils.threads import ThreadPolicy
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,6 +68,19 @@ def compile_unavailable(backend: str, device: torch.device) -> Optional[str]:
         names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
         if not any(n and shutil.which(n) for n in names):
             return "no C++ compiler (g++, c++, clang++ or $CXX) for the inductor backend on CPU"
+        # inductor runs $CXX (else g++) and gives up on it when `--version` fails: ask it first,
+        # quietly, instead of letting every compiled frame fail with a screen of warnings
+        cxx = os.environ.get("CXX") or "g++"
+        if shutil.which(cxx):
+            import subprocess
+
+            try:
+                subprocess.run([cxx, "--version"], capture_output=True, check=True, timeout=60)
+            except (OSError, subprocess.SubprocessError) as e:
+                said = getattr(e, "stderr", None) or b""
+                said = said.decode(errors="replace").strip().splitlines()
+                why = said[-1] if said else (getattr(e, "strerror", None) or type(e).__name__)
+                return f"the C++ compiler {cxx} does not run ({why[:200]})"
     elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
         return "the inductor backend on CUDA needs Triton, which is not installed"
     return None
@@ -88,6 +102,54 @@ def compile_segmenter(model: torch.nn.Module, backend: str, device: torch.device
     torch._dynamo.config.suppress_errors = True  # a failing graph falls back to eager, not the run
     model.compile(backend=backend)
     return True
+
+
+class CompileFallback:
+    """After the first graph the backend fails to compile: one line, then the segmenter runs eagerly
+    and dynamo stays off for the rest of the run (with `suppress_errors` alone every frame is tried
+    again, each failure logged with its traceback: thousands of lines)."""
+
+    LOGGER = "torch._dynamo.convert_frame"  # where dynamo logs a suppressed compile error
+
+    def __init__(self, model: torch.nn.Module, announce: bool = True):
+        import logging
+
+        import torch._dynamo
+
+        self.model, self.announce, self.failed = model, announce, False
+        self._logger = logging.getLogger(self.LOGGER)
+        self._disable_before = torch._dynamo.config.disable
+        self._logger.addFilter(self)
+
+    def filter(self, record) -> bool:
+        import logging
+
+        import torch._dynamo
+
+        if record.levelno < logging.WARNING:
+            return True
+        if not self.failed:
+            self.failed = True
+            torch._dynamo.config.disable = True  # checked per frame: nothing more is tried
+            self.model._compiled_call_impl = None  # nn.Module.compile's hook: this model runs eagerly
+            if self.announce:
+                exc = record.exc_info[1] if record.exc_info else None
+                lines = [ln.strip() for ln in (str(exc) if exc is not None else record.getMessage()).splitlines()
+                         if ln.strip() and "TORCHDYNAMO_VERBOSE" not in ln] or ["?"]
+                # the first lines name the error, the last holds the compiler's own complaint
+                picked = lines[:2] + lines[-1:] if len(lines) > 3 else lines
+                why = " / ".join(ln[:120] for ln in picked)
+                if exc is not None:
+                    why = f"{type(exc).__name__}: {why}"
+                print(f"warning: train.compile: compiling failed ({why}); given up, training goes on "
+                      "uncompiled", file=sys.stderr)
+        return False
+
+    def remove(self) -> None:
+        import torch._dynamo
+
+        self._logger.removeFilter(self)
+        torch._dynamo.config.disable = self._disable_before
 
 
 def move_to(batch, device, channels_last: bool = False):
@@ -145,8 +207,12 @@ def eval_kwargs(cfg: Config, dataset=None) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: Optional[str] = None, progress: bool = True, overwrite: bool = False):
+    def __init__(self, cfg: Config, resume: Optional[str] = None, progress: bool = True, overwrite: bool = False,
+                 config_file: Optional[dict] = None):
         self.cfg = cfg
+        # the values of the config file the run was started or resumed with (see
+        # run_folder.resume_config); None: kept from the checkpoint a resume reads
+        self.config_file = config_file
         self.device = dist_utils.init_from_env(cfg.train.device)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.is_main = self.rank == 0
@@ -156,15 +222,33 @@ class Trainer:
         reads = [("train.init_from", cfg.train.init_from), ("model.pretrained", cfg.model.pretrained),
                  ("source.root", cfg.source.root), ("target.root", cfg.target.root),
                  ("eval.data.root", cfg.eval.data.root)]
-        self.run_lock = prepare_run_folder(self.out_dir, resume, overwrite, reads) if self.is_main else None
+        created = missing_folders(self.out_dir) if self.is_main else []
+        lock_existed = (self.out_dir / LOCK_NAME).exists()
+        self.run_lock, refused = None, None
+        if self.is_main:
+            try:
+                self.run_lock = prepare_run_folder(self.out_dir, resume, overwrite, reads)
+            except SegadaptError as e:
+                refused = e
+            except OSError as e:  # the folder cannot be made (a file in the way, a read-only disk)
+                refused = write_error(e.filename or self.out_dir, e)
         try:
+            # under torchrun every rank stops with rank 0's one line, none waits for it in a collective
+            dist_utils.share_error(refused)
             self._setup(resume)
         except BaseException:
             self.release()
+            if self.is_main:  # refused before anything was written: leave no empty run folder behind
+                remove_unused_run_folder(self.out_dir, created, lock_existed)
             raise
+
+    compile_fallback: Optional[CompileFallback] = None
 
     def release(self) -> None:
         """Give the run folder free (the lock also drops when the process dies)."""
+        if self.compile_fallback is not None:
+            self.compile_fallback.remove()
+            self.compile_fallback = None
         if self.run_lock is not None:
             self.run_lock.release()
             self.run_lock = None
@@ -192,7 +276,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.method = build_method(cfg, self.model).to(self.device)
         if tc.compile:  # after the method copied what it needs (teacher, frozen backbone) uncompiled
-            compile_segmenter(self.model, tc.compile_backend, self.device, announce=self.is_main)
+            if compile_segmenter(self.model, tc.compile_backend, self.device, announce=self.is_main):
+                self.compile_fallback = CompileFallback(self.model, announce=self.is_main)
         self.target_ds = build_dataset(cfg.target) if self.method.uses_target else None
         self.optimizers = self.method.build_optimizers()
         self.amp_dtype = AMP_DTYPES.get(tc.amp)
@@ -254,6 +339,7 @@ class Trainer:
             "rng": rng_state(),
             "streams": {k: s.state_dict() for k, s in self.streams.items()},
             "history": self.history,
+            **({"config_file": self.config_file} if self.config_file is not None else {}),
             # what evaluation scored, when it is not the student (e.g. an EMA teacher)
             **({"eval_model": self.method.eval_model().state_dict()}
                if self.method.eval_model() is not self.model else {}),
@@ -279,12 +365,19 @@ class Trainer:
             # torch's first line only says "Error(s) in loading ...": keep its details, on one line
             msg = "; ".join(x.strip() for x in str(e).splitlines() if x.strip())[:400]
             raise CheckpointError(f"checkpoint {where} does not match this model/method: {msg}") from None
-        self.scaler.load_state_dict(ckpt["scaler"])
-        for k, s in self.streams.items():
-            s.load_state_dict(ckpt["streams"][k])
-        set_rng_state(ckpt["rng"])
-        self.start_iter = int(ckpt["iteration"])
+        try:
+            self.scaler.load_state_dict(ckpt["scaler"])
+            for k, s in self.streams.items():
+                s.load_state_dict(ckpt["streams"][k])
+            set_rng_state(ckpt["rng"])
+            self.start_iter = int(ckpt["iteration"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            what = f"no entry {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:300]
+            raise CheckpointError(f"checkpoint {where}: its loss-scaler, data-stream or RNG state is unusable "
+                                  f"({what}); cannot resume exactly from it") from None
         self.history = list(ckpt.get("history", []))
+        if self.config_file is None and isinstance(ckpt.get("config_file"), dict):
+            self.config_file = ckpt["config_file"]
 
     def _named_state_tensors(self, state: dict):
         """(name, tensor) for the weights, buffers and optimizer state in a checkpoint dict."""
@@ -323,7 +416,10 @@ class Trainer:
         if not self.is_main:
             return None
         path = self.out_dir / name
-        atomic_save(state, path)
+        try:
+            atomic_save(state, path)
+        except OutputError as e:  # a full disk: say what is still there to resume from
+            raise OutputError(f"{e}; run stopped, {self._where_last_good()}") from None
         if name == "last.pth":
             self.last_good = iteration
         return path
@@ -424,6 +520,8 @@ class Trainer:
         t0 = time.time()
         result = None
         self.method.train()
+        threads = ThreadPolicy(tc.threads)
+        threads.start()
         try:
             for it in range(self.start_iter, tc.iters):
                 batch = {k: move_to(next(s), self.device, tc.channels_last) for k, s in self.streams.items()}
@@ -437,6 +535,7 @@ class Trainer:
                 n_acc += 1
                 done = it + 1
                 self.logger.step()
+                threads.step()
                 if done % tc.log_every == 0 or done == tc.iters or done % tc.ckpt_every == 0:
                     self._check_finite(sums, done)
                     means = {k: float(v) / n_acc for k, v in sums.items()}
@@ -463,6 +562,7 @@ class Trainer:
                      else "none written yet")
             raise TrainingError(f"interrupted; last checkpoint: {where}; continue with --resume") from None
         finally:
+            threads.stop()
             self.logger.close()
             for s in self.streams.values():
                 s.close()
@@ -470,10 +570,12 @@ class Trainer:
         return result
 
 
-def train_from_config(cfg: Config, resume: Optional[str] = None, progress: bool = True, overwrite: bool = False):
+def train_from_config(cfg: Config, resume: Optional[str] = None, progress: bool = True, overwrite: bool = False,
+                      config_file: Optional[dict] = None):
     """Train `cfg` into cfg.out_dir; a folder that holds a run needs `resume` (continue it) or
-    `overwrite` (replace it)."""
-    trainer = Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite)
+    `overwrite` (replace it). `config_file`: what the checkpoints record of the config file
+    (`run_folder.config_file_record`)."""
+    trainer = Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite, config_file=config_file)
     if trainer.is_main:
         try:
             write_text_atomic(trainer.out_dir / "config.yaml", dump_config(cfg))

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from segadapt.errors import CheckpointError
+from segadapt.errors import CheckpointError, SegadaptWarning
 
 __all__ = ["LoadReport", "read_checkpoint", "extract_state_dict", "load_pretrained", "load_state_dict_checked"]
 
@@ -130,7 +130,7 @@ def read_checkpoint(path: str | os.PathLike) -> object:
     warnings.warn(
         f"checkpoint {path} holds non-tensor Python objects ({refused}); read by the safe loader with an "
         "allowlist of plain types (never with weights_only=False)",
-        stacklevel=2,
+        SegadaptWarning, stacklevel=2,
     )
     return obj
 
@@ -307,13 +307,13 @@ def load_state_dict_checked(
         warnings.warn(
             f"checkpoint {path} ({fmt}): no classifier weights for {len(head_absent)} model tensors "
             f"(left initialised; e.g. {_examples(head_absent)})",
-            stacklevel=3,
+            SegadaptWarning, stacklevel=3,
         )
     if head_skipped:
         warnings.warn(
             f"checkpoint {path} ({fmt}): classifier tensors not loaded (left initialised): "
             f"{len(head_skipped)} (e.g. {_examples(head_skipped)})",
-            stacklevel=3,
+            SegadaptWarning, stacklevel=3,
         )
         report.skipped.extend(k.split(":")[0] for k in head_skipped)
 

@@ -170,7 +170,9 @@ def interpolate_pos_embed(pos_embed: Tensor, grid: Tuple[int, int],
     (offset 0.1 in the published models; with offset 0 the output size is given instead).
     The cls entry is kept.
     """
-    h, w = grid
+    # plain ints: under torch.jit.trace the grid arrives as 0-dim tensors, which neither the
+    # comparison below nor F.interpolate's scale factors accept (export fixes the size anyway)
+    h, w = int(grid[0]), int(grid[1])
     n = pos_embed.shape[1] - 1
     m = int(math.isqrt(n))
     if (h, w) == (m, m):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -57,6 +58,24 @@ def resolve_device(device: str = "auto") -> torch.device:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def share_error(error: Optional[BaseException], src: int = 0) -> None:
+    """Every rank stops when rank `src` met `error` (say, a run folder it could not lock): `src`
+    raises it, the others raise PeerError with its message instead of waiting in a collective
+    for a peer that has left (a traceback wall from each rank). Call on every rank."""
+    from ..errors import PeerError
+
+    if not is_dist():
+        if error is not None:
+            raise error
+        return
+    message = [None if error is None else (str(error) or type(error).__name__)]
+    dist.broadcast_object_list(message, src=src)
+    if rank() == src and error is not None:
+        raise error
+    if message[0] is not None:
+        raise PeerError(message[0])
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

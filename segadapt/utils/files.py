@@ -2,7 +2,8 @@
 
 Every write goes through :func:`atomic_write` (temporary file in the same folder, fsync,
 rename): a failed write raises OutputError("cannot write <path>: <cause>") and leaves an
-earlier file at that path as it was.
+earlier file at that path as it was. That holds for writers that hide the OSError too
+(torch's C++ zip writer reports a full disk as "enforce fail ... unexpected pos").
 """
 from __future__ import annotations
 
@@ -39,6 +40,30 @@ def _temp_beside(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
+class _RecordingFile:
+    """A file object that remembers the first OSError its write() raised: some writers
+    (torch.save's C++ zip writer) swallow it and fail later with their own message."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            if self.error is None:
+                self.error = e
+            raise
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 @contextlib.contextmanager
 def atomic_write(path: PathLike, mode: str = "wb", encoding: Optional[str] = None) -> Iterator:
     """Write ``path`` all or nothing: yields a temporary file in the same folder (parents are
@@ -46,14 +71,18 @@ def atomic_write(path: PathLike, mode: str = "wb", encoding: Optional[str] = Non
 
     Any OSError (read-only or full disk, a file where a folder should be, a folder where
     the file should be, ...) becomes ``OutputError("cannot write <path>: <cause>")``; the
-    temporary file is removed and an earlier file at ``path`` is left unchanged.
+    temporary file is removed and an earlier file at ``path`` is left unchanged. A writer
+    that turns a failed write into its own exception (torch.save's RuntimeError) gets the
+    same OutputError, with the cause the write met.
     """
     path = Path(path)
     tmp = None
+    recording = None
     try:
         fd, tmp = _temp_beside(path)
         with os.fdopen(fd, mode, encoding=encoding) as f:
-            yield f
+            recording = _RecordingFile(f)
+            yield recording
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
@@ -61,6 +90,10 @@ def atomic_write(path: PathLike, mode: str = "wb", encoding: Optional[str] = Non
         tmp = None
     except OSError as e:
         raise write_error(path, e) from None
+    except Exception:
+        if recording is not None and recording.error is not None:
+            raise write_error(path, recording.error) from None
+        raise
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -86,3 +119,34 @@ def write_text_atomic(path: PathLike, text: str) -> None:
     """``path.write_text(text)`` through :func:`atomic_write` (UTF-8)."""
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def write_texts_atomic(texts: dict) -> None:
+    """Several text files as one set ({path: text}, UTF-8): every file is written and synced to a
+    temporary file first, and only then are they renamed into place, so a full disk leaves the
+    earlier set whole instead of a new file beside old ones. OutputError names the file that
+    failed; no temporary file is left."""
+    temps: list = []
+    try:
+        for path, text in texts.items():
+            path = Path(path)
+            try:
+                fd, tmp = _temp_beside(path)
+                temps.append((tmp, path))
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, _FILE_MODE)
+            except OSError as e:
+                raise write_error(path, e) from None
+        for tmp, path in temps:
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise write_error(path, e) from None
+        temps = []
+    finally:
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
