@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the run already in the run folder (default: refuse)")
     p.add_argument("--out", default=None, help="run folder (overrides out_dir)")
     p.add_argument("--seed", type=int, default=None, help="overrides train.seed")
+    p.add_argument("--seeds", default=None, metavar="LIST",
+                   help="train once per seed (e.g. 0,1,2 or 0-4) into one group folder, <group>/seed<S>; "
+                        "a killed sweep continues with the same command and --resume")
+    p.add_argument("--jobs", type=int, default=1, help="with --seeds: runs at a time (default 1)")
+    p.add_argument("--threads-per-run", type=int, default=None,
+                   help="with --seeds: CPU threads of each run (default: the usable cores / --jobs)")
     p.add_argument("--pretrained", default=None, help="backbone/segmenter weights to start from (model.pretrained)")
     p.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars and image grids")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,14 +98,20 @@ def cmd_train(args) -> int:
     from .engine.trainer import train_from_config
 
     overrides = list(args.overrides)
-    if args.seed is not None:
-        overrides.append(f"train.seed={args.seed}")
-    if args.out is not None:
-        overrides.append(f"out_dir={args.out}")
     if args.pretrained is not None:
         overrides.append(f"model.pretrained={args.pretrained}")
     if args.tensorboard:
         overrides.append("train.tensorboard=true")
+    if args.seeds is not None:
+        return _train_seeds(args, overrides)
+    if args.jobs != 1 or args.threads_per_run is not None:
+        from .errors import ConfigError
+
+        raise ConfigError("--jobs and --threads-per-run belong to --seeds (one run uses train.threads)")
+    if args.seed is not None:
+        overrides.append(f"train.seed={args.seed}")
+    if args.out is not None:
+        overrides.append(f"out_dir={args.out}")
     resume = None
     if args.resume is not None:
         from .engine.run_folder import resume_config
@@ -127,7 +139,7 @@ def cmd_train(args) -> int:
         for name in ("last.pth", "final.pth"):  # a run that could not save its checkpoints fails now, not hours later
             ensure_writable(out_dir / name)
         result = train_from_config(cfg, resume=resume, progress=not args.no_progress, overwrite=args.overwrite,
-                                   config_file=config_file)
+                                   config_file=config_file, command=args.command_line)
     except BaseException:
         if _is_main():  # refused before anything was written: no empty run folder left behind
             remove_unused_run_folder(out_dir, created, lock_existed)
@@ -136,6 +148,32 @@ def cmd_train(args) -> int:
         print(result.table())
         print(f"results written to {cfg.out_dir}/results.{{md,csv,json}}")
     return 0
+
+
+def _train_seeds(args, overrides: list[str]) -> int:
+    """`train --seeds`: one run per seed, each its own process (engine/sweep.py)."""
+    from .config import load_config
+    from .engine.sweep import Sweep, group_and_run_dirs, parse_seeds
+    from .errors import ConfigError
+
+    if args.seed is not None:
+        raise ConfigError("give --seed (one run) or --seeds (several), not both")
+    if args.resume not in (None, "auto"):
+        if "=" in args.resume and not Path(args.resume).exists():
+            overrides.insert(0, args.resume)  # `--resume key=value`: argparse took the override
+        else:
+            raise ConfigError("with --seeds, --resume continues the sweep and takes no path")
+    if args.resume is not None and args.overwrite:
+        raise ConfigError("--resume continues a sweep and --overwrite replaces it: give one of them")
+    seeds = parse_seeds(args.seeds)
+    # every seed's config checked (and its run folder found) before anything runs
+    out_dirs = {s: load_config(args.config or DEFAULT_CONFIG, overrides + [f"train.seed={s}"]).out_dir
+                for s in seeds}
+    group, run_dirs = group_and_run_dirs(out_dirs, args.out)
+    sweep = Sweep(args.config or DEFAULT_CONFIG, overrides, seeds, run_dirs, group, jobs=args.jobs,
+                  threads=args.threads_per_run, resume=args.resume is not None, overwrite=args.overwrite,
+                  progress=not args.no_progress, command=args.command_line)
+    return sweep.run()
 
 
 def cmd_test(args) -> int:
@@ -278,6 +316,7 @@ def _main(argv, distributed: list) -> int:
     # overrides may stand anywhere among the options (argparse stops filling a
     # positional list once an option follows it)
     args, extra = parser.parse_known_args(argv)
+    args.command_line = ["segadapt", *(sys.argv[1:] if argv is None else argv)]
     stray = [x for x in extra if x.startswith("-") or "=" not in x]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

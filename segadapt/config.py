@@ -649,12 +649,14 @@ def _with_old_defaults(method: dict) -> dict:
 
 def load_config(
     path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict] = None,
-    base_version: int = CONFIG_FORMAT,
+    base_version: int = CONFIG_FORMAT, origins_out: Optional[dict] = None,
 ) -> Config:
     """Load a config (file path or packaged name), apply overrides, validate.
 
     `base` (a plain dict, e.g. the config stored in a checkpoint of format `base_version`,
-    possibly older) is used instead of a file when given.
+    possibly older) is used instead of a file when given. `origins_out` receives, per dotted
+    key set by a file or the command line, where it was set, and under `("ref", key)` the
+    `${...}` text a value was resolved from (`segadapt config show`).
     """
     origins = _Origins()
     tree = _deep_defaults()
@@ -664,6 +666,9 @@ def load_config(
         _merge(tree, _load_tree(resolve_config_path(path), origins), None, origins)
     if overrides:
         _merge(tree, parse_overrides(overrides), "command line", origins)
+    if origins_out is not None:
+        origins_out.update(origins)
+        origins_out.update({("ref", k): v for k, v in _references(tree).items()})
     _interpolate(tree, tree, origins)
     imports = tree.get("imports") or []
     if not isinstance(imports, list) or not all(isinstance(e, str) for e in imports):
@@ -678,6 +683,16 @@ def load_config(
     cfg = build_dataclass(Config, tree, origins)
     validate(cfg)
     return cfg
+
+
+def _references(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_references(v, f"{prefix}{k}."))
+        elif isinstance(v, str) and "${" in v:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _plugin_paths(entries: list[str], origins: _Origins) -> list[str]:

@@ -20,7 +20,7 @@ from ..errors import ConfigError, write_error
 LOCK_NAME = ".lock"
 # files a training run writes; any of the first four marks a folder as holding a run
 RUN_MARKERS = ("last.pth", "final.pth", "metrics.jsonl", "config.yaml")
-RUN_FILES = RUN_MARKERS + ("history.json", "results.md", "results.csv", "results.json")
+RUN_FILES = RUN_MARKERS + ("history.json", "results.md", "results.csv", "results.json", "provenance.json")
 CHECKPOINT_NAMES = ("last.pth", "final.pth")
 # the atomic writers (checkpoint.atomic_save, data.io.atomic_write) write `.<name>.<8 random>.tmp`
 TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")

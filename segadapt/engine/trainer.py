@@ -40,6 +40,7 @@ from .checkpoint import FORMAT, VERSION, load_checkpoint, rename_state_keys
 from .evaluator import evaluate, inference_options, subsets_for
 from .host_memory import tune_malloc
 from .logging import RunLogger
+from .provenance import Provenance
 from .run_folder import LOCK_NAME, missing_folders, prepare_run_folder, remove_unused_run_folder
 from ..utils.files import write_text_atomic
 from ..utils.threads import ThreadPolicy
@@ -208,8 +209,10 @@ def eval_kwargs(cfg: Config, dataset=None) -> dict:
 
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None, progress: bool = True, overwrite: bool = False,
-                 config_file: Optional[dict] = None):
+                 config_file: Optional[dict] = None, command: Optional[list[str]] = None):
         self.cfg = cfg
+        setup_started = time.perf_counter()
+        self.resumed_from = resume
         # the values of the config file the run was started or resumed with (see
         # run_folder.resume_config); None: kept from the checkpoint a resume reads
         self.config_file = config_file
@@ -241,6 +244,11 @@ class Trainer:
             if self.is_main:  # refused before anything was written: leave no empty run folder behind
                 remove_unused_run_folder(self.out_dir, created, lock_existed)
             raise
+        self.provenance = None
+        if self.is_main:
+            self.provenance = Provenance(self.out_dir, self.device, resumed_from=resume,
+                                         start_iteration=self.start_iter, argv=command)
+            self.provenance.add("setup", time.perf_counter() - setup_started)
 
     compile_fallback: Optional[CompileFallback] = None
 
@@ -416,12 +424,15 @@ class Trainer:
         if not self.is_main:
             return None
         path = self.out_dir / name
+        self.provenance.begin("checkpoint")
         try:
             atomic_save(state, path)
         except OutputError as e:  # a full disk: say what is still there to resume from
             raise OutputError(f"{e}; run stopped, {self._where_last_good()}") from None
         if name == "last.pth":
             self.last_good = iteration
+        self.provenance.end("checkpoint")
+        self.provenance.write(iteration)
         return path
 
     # ------------------------------------------------------------------ loop
@@ -438,6 +449,7 @@ class Trainer:
                                 f"{self._where_last_good()}")
 
     def evaluate(self, iteration: int):
+        started = time.perf_counter()
         dist_utils.broadcast_buffers(self.method)  # evaluate (and save) rank 0's model on every rank
         loader = build_eval_loader(self.cfg, self.eval_ds)
         result = evaluate(self.method.eval_model(), loader, device=self.device, progress=self.progress,
@@ -449,6 +461,9 @@ class Trainer:
             result.meta["restyled_eval_split"] = self.eval_note
         self.history.append({"iteration": iteration, "mIoU": result.miou, **result.subset_mious})
         self.logger.log_eval(iteration, result, self.method.eval_model(), loader, self.device)
+        if self.provenance is not None:
+            self.provenance.add("eval", time.perf_counter() - started)
+            result.meta.update(self.provenance.summary())
         return result
 
     def _params_of(self, names) -> list:
@@ -522,8 +537,11 @@ class Trainer:
         self.method.train()
         threads = ThreadPolicy(tc.threads)
         threads.start()
+        if self.provenance is not None:
+            self.provenance.write(self.start_iter)
         try:
             for it in range(self.start_iter, tc.iters):
+                step_started = time.perf_counter()
                 batch = {k: move_to(next(s), self.device, tc.channels_last) for k, s in self.streams.items()}
                 out, total = self.step(batch, it)
 
@@ -536,6 +554,8 @@ class Trainer:
                 done = it + 1
                 self.logger.step()
                 threads.step()
+                if self.provenance is not None:
+                    self.provenance.add("train", time.perf_counter() - step_started)
                 if done % tc.log_every == 0 or done == tc.iters or done % tc.ckpt_every == 0:
                     self._check_finite(sums, done)
                     means = {k: float(v) / n_acc for k, v in sums.items()}
@@ -556,6 +576,7 @@ class Trainer:
                     result.save(self.out_dir, "results")
                 self.method.on_train_end(self.out_dir)
                 write_text_atomic(self.out_dir / "history.json", json.dumps(self.history, indent=1))
+                self.provenance.write(tc.iters, finished=True)
         except KeyboardInterrupt:
             self.logger.close()
             where = (f"{self.out_dir / 'last.pth'} (iteration {self.last_good})" if self.last_good
@@ -571,11 +592,13 @@ class Trainer:
 
 
 def train_from_config(cfg: Config, resume: Optional[str] = None, progress: bool = True, overwrite: bool = False,
-                      config_file: Optional[dict] = None):
+                      config_file: Optional[dict] = None, command: Optional[list[str]] = None):
     """Train `cfg` into cfg.out_dir; a folder that holds a run needs `resume` (continue it) or
     `overwrite` (replace it). `config_file`: what the checkpoints record of the config file
-    (`run_folder.config_file_record`)."""
-    trainer = Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite, config_file=config_file)
+    (`run_folder.config_file_record`). `command`: the command line provenance.json records
+    (default: this process's)."""
+    trainer = Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite, config_file=config_file,
+                      command=command)
     if trainer.is_main:
         try:
             write_text_atomic(trainer.out_dir / "config.yaml", dump_config(cfg))
