@@ -94,7 +94,14 @@ def test_compare_values_falls_back_to_welch_without_pairs():
     c = compare_values("A", {0: 1.0, 1: 2.0}, "B", {0: 2.0, 5: 4.0})
     assert c.test == "welch" and c.note == "only seed 0 is in both"
     c = compare_values("A", {0: 1.0}, "B", {1: 2.0})
-    assert c.test == "none" and c.ci is None and "no confidence interval" in c.verdict()
+    assert c.test == "none" and c.ci is None
+    assert c.verdict() == ("A - B = -1.00 mIoU points: no confidence interval (no seeds pair (A: 0; B: 1), and A has "
+                           "one seed; needs 2 paired seeds, or 2 seeds in each group)")
+    c = compare_values("A", {0: 1.0, 1: 2.0, 2: 3.0}, "B", {3: 1.5, 4: 2.0, 5: 3.0})
+    assert c.verdict().startswith("A - B: not distinguishable at 3 vs 3 seeds (95% CI [")
+    assert c.verdict().endswith("contains 0; Welch t, unpaired: no seeds pair (A: 0,1,2; B: 3,4,5)): at this spread "
+                                f"(sd 1.00 in A, 0.76 in B) about {seeds_needed_unpaired(1.0, math.sqrt(7 / 12), 0.5)} "
+                                "seeds per method would resolve a 0.5-point difference")
 
 
 # --------------------------------------------------------------------------- groups
@@ -150,7 +157,8 @@ def test_unpaired_seeds_fall_back_to_welch_or_fail_with_paired(tmp_path, capsys)
     code, out, _ = run_cli(capsys, tmp_path / "a", tmp_path / "b")
     assert code == 0
     last = out.splitlines()[-1]
-    assert last.startswith("b - a = +5.00 [") and "Welch t, unpaired, 3 vs 3 seeds: no seeds pair (b: 3,4,5; a: 0,1,2)" in last
+    assert last.startswith("b - a = +5.00 [")
+    assert last.endswith("(95% CI, Welch t, unpaired, 3 vs 3 seeds: no seeds pair (b: 3,4,5; a: 0,1,2))")
     code, _, err = run_cli(capsys, tmp_path / "a", tmp_path / "b", "--paired")
     assert code == 2
     assert err.strip() == ("segadapt compare: error: --paired: b and a need at least 2 seeds in common, "

@@ -443,8 +443,10 @@ class Comparison:
             n_text = f"{len(self.seeds)} seeds"
             spread = f"sd of differences {self.sd:.2f}"
         else:
-            how = f"Welch t, unpaired, {self.n_group} vs {self.n_baseline} seeds: {self.note}"
             n_text = f"{self.n_group} vs {self.n_baseline} seeds"
+            # the not-distinguishable text names the seed counts already
+            how = f"Welch t, unpaired, {n_text}: {self.note}" if self.distinguishable else \
+                f"Welch t, unpaired: {self.note}"
             spread = f"sd {self.sd_group:.2f} in {self.group}, {self.sd_baseline:.2f} in {self.baseline}"
         if self.distinguishable:
             text = f"{self.name} = {_signed(self.mean_diff)} {self._ci_text()} {unit} (95% CI, {how})"
@@ -504,10 +506,9 @@ def compare_values(group: str, values: dict, baseline: str, base_values: dict, *
     if require_pairs:
         raise ConfigError(f"--paired: {group} and {baseline} need at least 2 seeds in common, {note}")
     if len(all_group) < 2 or len(all_base) < 2:
-        lone = group if len(all_group) < 2 else baseline
+        lone, count = (group, len(all_group)) if len(all_group) < 2 else (baseline, len(all_base))
         return Comparison(test="none", seeds=[], mean_diff=mean_g - mean_b,
-                          note=f"{note}, and {lone} has {len(all_group if lone == group else all_base)} seed(s)",
-                          **common)
+                          note=f"{note}, and {lone} has {'no seed' if count == 0 else 'one seed'}", **common)
     mean, dof, t, half = welch_interval(all_group, all_base)
     return Comparison(test="welch", seeds=[], mean_diff=mean, dof=dof, t=t, ci=(mean - half, mean + half),
                       seeds_needed=seeds_needed_unpaired(sd_g, sd_b, delta), note=note, **common)
