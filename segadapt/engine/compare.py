@@ -735,7 +735,7 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
+def _nice_ticks(lo: float, hi: float, target: int = 8) -> list[float]:
     raw = (hi - lo) / max(1, target - 1)
     power = 10.0 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
@@ -783,7 +783,7 @@ def figure_png(result: CompareResult) -> bytes:
     draw.text((FIG_LEFT, 12), f"{result.metric} (%) per seed, mean ± std per group", fill="black", font=font)
     axis = Image.new("RGB", (bottom - top, 18), "white")  # the y label, drawn sideways
     ImageDraw.Draw(axis).text(((bottom - top) / 2, 9), f"{result.metric} (%)", fill="black", font=font, anchor="mm")
-    img.paste(axis.rotate(90, expand=True), (8, top))
+    img.paste(axis.rotate(90, expand=True), (16, top))
 
     seeds = sorted({s for g in groups for s in g.seeds if s is not None})
     color = {s: SEED_COLORS[k % len(SEED_COLORS)] for k, s in enumerate(seeds)}
