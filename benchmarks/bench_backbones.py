@@ -10,6 +10,8 @@ the forward: torch 2.13's counter ignores `groups` in convolution_backward, so i
 depthwise conv's backward C times over (the DAFormer head's separable ASPP: 10x the forward). A UDA method's whole step
 costs more (teacher forward, mixed-batch forward, method heads); this is the segmenter's share,
 the part that differs between backbones. Run it on a quiet machine: the CPU column is a timing.
+HRDA rows count the training forward (the context at its scale, one detail crop, the scale
+attention); their CPU time uses a detail crop of half each side of the timing input.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ ROWS = [
     ("synthetic: ResNet-18 / 4 DeepLabV2", "synthetic/source_only", []),
     ("synthetic: MiT-B0 / 2 + DAFormer head 64", "synthetic_mit/source_only", []),
     ("synthetic: ImageNet MobileNetV2 DeepLabV2, output stride 8", "synthetic_mnv2/source_only", []),
+    ("HRDA: MiT-B5 + DAFormer head, scale attention", "gta5_cityscapes/hrda_daformer_mitb5", []),
+    ("synthetic: HRDA ResNet-18 / 4 DeepLabV2", "synthetic/hrda_daformer", []),
+    ("synthetic: HRDA MiT-B0 / 2 + DAFormer head 64", "synthetic_mit/hrda_daformer", []),
 ]
 
 
@@ -46,6 +51,9 @@ def step_gflop(model_cfg, batch: int, hw: tuple[int, int]) -> float:
 
 
 def cpu_ms(model_cfg, size: int, repeats: int, channels_last: bool = False) -> float:
+    if model_cfg.hrda.enabled:  # HRDA's geometry at the timing size: a detail crop of half each side
+        model_cfg = dataclasses.replace(model_cfg, hrda=dataclasses.replace(model_cfg.hrda,
+                                                                            detail_crop=[size // 2, size // 2]))
     torch.manual_seed(0)
     model = build_segmenter(model_cfg).train()
     x = torch.rand(1, 3, size, size)
