@@ -82,7 +82,7 @@ def render_debug_grid(debug: dict, palette=None) -> Optional[np.ndarray]:
     for name, p in scaled:
         draw.text((x + 2, 1), name, fill=(0, 0, 0))
         x += p.shape[-1] + GAP
-    return np.asarray(image)
+    return np.array(image)  # a writable copy (torch.from_numpy warns on read-only arrays)
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
