@@ -191,6 +191,29 @@ def test_training_writes_metrics_csv(tiny_synth, tmp_path):
     assert float(evals[-1]["eval/mIoU"]) == pytest.approx(jsonl[-1]["eval/mIoU"], rel=1e-6)
 
 
+def test_a_resumed_run_logs_as_an_uninterrupted_one(tiny_synth, tmp_path, monkeypatch):
+    """metrics.csv and the debug grids of a run killed after its checkpoint at 3 and resumed
+    equal those of the run that was not."""
+    from segadapt.methods.source_only import SourceOnly
+
+    from .conftest import kill_and_resume
+
+    extra = {"train.iters": 6, "train.log_every": 1, "train.eval_every": 3, "train.debug_every": 2}
+    train_from_config(load_config("synthetic/source_only", tiny_overrides(tiny_synth, tmp_path / "a", **extra)),
+                      progress=False)
+    kill_and_resume(monkeypatch, SourceOnly,
+                    load_config("synthetic/source_only", tiny_overrides(tiny_synth, tmp_path / "b", **extra)), 4, 3)
+
+    def cells(run):  # everything but the timings
+        return [{k: v for k, v in r.items() if k != "sec_per_iter"} for r in _csv(run / "metrics.csv")]
+
+    assert cells(tmp_path / "b") == cells(tmp_path / "a")
+    grids = {run: sorted(p.name for p in (tmp_path / run / "debug").iterdir()) for run in "ab"}
+    assert grids["a"] == grids["b"] == ["iter_2.png", "iter_4.png", "iter_6.png"]
+    for name in grids["a"]:
+        assert np.array_equal(_png(tmp_path / "a" / "debug" / name), _png(tmp_path / "b" / "debug" / name))
+
+
 class _FakeWandb(types.ModuleType):
     def __init__(self):
         super().__init__("wandb")

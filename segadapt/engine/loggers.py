@@ -268,14 +268,6 @@ def _require(name: str, key: str) -> None:
         raise ConfigError(f"{key}: {name} needs the {PACKAGES[name]} package: pip install {PACKAGES[name]}") from None
 
 
-def logger_names(train_cfg) -> list[str]:
-    """`train.loggers`, with tensorboard added by `train.tensorboard: true` (--tensorboard)."""
-    names = list(train_cfg.loggers)
-    if train_cfg.tensorboard and "tensorboard" not in names:
-        names.append("tensorboard")
-    return names
-
-
 def check_loggers(names, tensorboard_flag: bool = False) -> None:
     """Fail before training when a logger's package is missing."""
     for n in names:
@@ -306,4 +298,4 @@ def build_loggers(names, out_dir: Path, run_name: str) -> list[MetricLogger]:
 
 
 __all__ = ["MetricLogger", "CSVLogger", "TensorBoardLogger", "WandbLogger", "MLflowLogger", "images_to_uint8",
-           "logger_names", "check_loggers", "build_loggers"]
+           "check_loggers", "build_loggers"]

@@ -25,8 +25,8 @@ def colorize_tensor(labels: torch.Tensor, palette=None) -> torch.Tensor:
 
 
 class RunLogger:
-    """What the trainer logs, on the main process (`enabled`). `loggers`: the names of
-    `train.loggers` (`loggers.logger_names`); `tensorboard` adds TensorBoard (`train.tensorboard`)."""
+    """What the trainer logs, on the main process (`enabled`). `loggers`: `train.loggers` (see
+    `loggers.py`); `tensorboard` adds TensorBoard (`train.tensorboard`, `--tensorboard`)."""
 
     def __init__(self, out_dir: Path, cfg, enabled: bool = True, tensorboard: bool = False,
                  loggers: Sequence[str] = ()):

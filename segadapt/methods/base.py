@@ -181,7 +181,7 @@ class UDAMethod(nn.Module):
         was_training = self.model.training
         self.model.eval()
         try:
-            logits = self.model.infer(images)["main"] if hasattr(self.model, "infer") else self.model(images)["main"]
+            logits = self.model.infer(images)["main"]
         finally:
             self.model.train(was_training)
         ctx.keep_prediction("target/prediction", logits, images.shape[-2:])
