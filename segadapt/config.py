@@ -209,7 +209,13 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 2000  # 0 = only at the end
     ckpt_every: int = 2000
-    tensorboard: bool = False
+    tensorboard: bool = False  # the same as listing tensorboard in `loggers`
+    # where scalars (and image grids) go besides metrics.jsonl: csv (metrics.csv) | tensorboard |
+    # wandb | mlflow (the last two need their package; see docs/logging.md)
+    loggers: list[str] = field(default_factory=lambda: ["csv"])
+    # every N iterations a grid of the step's inputs, labels, pseudo-labels, mixed/masked/translated
+    # images and predictions goes to debug/iter_<N>.png (and the image loggers); 0 = never
+    debug_every: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms
     init_from: Optional[str] = None  # segmenter weights to start from (any loadable format)
     # CPU threads of the training loop: auto = the usable cores (affinity, cgroup quota), fewer
@@ -770,6 +776,7 @@ def validate(cfg: Config) -> None:
         _check_hrda_crops(cfg, preset.output_stride(cfg.model))
     _choice(cfg.optim.name, ["sgd", "adamw"], "optim.name")
     _choice(cfg.train.amp, ["none", "bf16", "fp16"], "train.amp")
+    _check_loggers(cfg.train.loggers)
     _choice(cfg.eval.mode, ["whole", "slide"], "eval.mode")
     _choice(cfg.eval.subsets, ["auto", "none", "synthia"], "eval.subsets")
     if cfg.eval.mode == "slide" and not cfg.eval.crop:
@@ -781,6 +788,19 @@ def validate(cfg: Config) -> None:
     if cfg.optim.lr <= 0:
         raise ConfigError("optim.lr must be positive")
     cfg.method.check(cfg)
+
+
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
+
+
+def _check_loggers(names) -> None:
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"train.loggers: expected a list of names ({', '.join(LOGGERS)}), got {names!r}")
+    for n in names:
+        _choice(n, list(LOGGERS), "train.loggers")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"train.loggers lists {', '.join(twice)} more than once")
 
 
 def _check_hrda_crops(cfg: Config, stride: int) -> None:
@@ -808,6 +828,7 @@ def _counts(cfg: Config) -> None:
     """Counts and sizes: `> 0` where zero means nothing to do, `>= 0` where zero is a setting."""
     at_least = [  # (key, value, minimum); None values are unset options
         ("train.num_workers", cfg.train.num_workers, 0), ("train.eval_every", cfg.train.eval_every, 0),
+        ("train.debug_every", cfg.train.debug_every, 0),
         ("optim.warmup_iters", cfg.optim.warmup_iters, 0), ("optim.poly_iters", cfg.optim.poly_iters, 1),
         ("optim.weight_decay", cfg.optim.weight_decay, 0), ("optim.momentum", cfg.optim.momentum, 0),
         ("optim.warmup_ratio", cfg.optim.warmup_ratio, 0), ("optim.head_lr_mult", cfg.optim.head_lr_mult, 0),

@@ -116,21 +116,23 @@ def config_overrides(name: str, synth: Path, work: Path) -> list[str]:
     return o + extra
 
 
-def run_config(name: str, synth: Path, work: Path) -> dict:
+def run_config(name: str, synth: Path, work: Path, debug: bool = False) -> dict:
     """Steps at ITERATIONS of `name` (a fresh Trainer, seeded): per step every output as float,
-    then sums of all weights, buffers and optimizer state."""
+    then sums of all weights, buffers and optimizer state. `debug`: every step a debug step
+    (`train.debug_every`), what it kept under "debug" (one dict per step)."""
     from segadapt.config import load_config
     from segadapt.engine.trainer import Trainer, move_to
 
     torch.manual_seed(0)
     cfg = load_config(VARIANTS.get(name, (name,))[0], config_overrides(name, synth, work))
     trainer = Trainer(cfg, progress=False, overwrite=True)
-    steps = []
+    steps, kept = [], []
     try:
         trainer.method.train()
         for it in ITERATIONS:
             batch = {k: move_to(next(s), trainer.device) for k, s in trainer.streams.items()}
-            out, total = trainer.step(batch, it)
+            out, total = trainer.step(batch, it, want_debug=debug)
+            kept.append(trainer.debug_tensors)
             steps.append({k: float(v.detach()) for k, v in sorted(out.items())} | {"total": float(total)})
         weights = sum(float(v.double().sum()) for v in trainer.method.state_dict().values()
                       if torch.is_tensor(v) and v.is_floating_point())
@@ -142,7 +144,8 @@ def run_config(name: str, synth: Path, work: Path) -> dict:
         for s in trainer.streams.values():
             s.close()
         trainer.release()
-    return {"steps": steps, "weights": weights, "optimizer_state": opt}
+    record = {"steps": steps, "weights": weights, "optimizer_state": opt}
+    return {**record, "debug": kept} if debug else record
 
 
 def describe_difference(ref: dict, got: dict) -> list[str]:

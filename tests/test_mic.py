@@ -171,9 +171,9 @@ def _record(trainer, monkeypatch, teacher=None):
         events.append(("mic_input", y.clone()))
         return y
 
-    def mic_losses(model, x, pseudo=None, valid=None):
+    def mic_losses(model, x, pseudo=None, valid=None, ctx=None):
         events.append(("mic_args", x.clone(), pseudo))
-        out = orig_losses(model, x, pseudo, valid)
+        out = orig_losses(model, x, pseudo, valid, ctx=ctx)
         events.append(("mic_losses", sorted(out)))
         return out
 

@@ -1,5 +1,6 @@
 """`segadapt report`: one HTML page comparing runs (tables, curves, per-class IoU,
-confusion matrices, sample predictions); seeds of one config become mean ± std.
+confusion matrices, sample predictions, the newest debug grids of each run); seeds of one
+config become mean ± std.
 
     segadapt report runs/synthetic_source_only runs/synthetic_advent --out reports/cmp
     segadapt report runs/*/seed* --out docs/results --markdown --samples 3
@@ -17,6 +18,8 @@ def register(subparsers) -> None:
     p.add_argument("--markdown", action="store_true", help="also write report.md with PNG files beside it")
     p.add_argument("--linked", action="store_true", help="link PNG files beside report.html instead of embedding")
     p.add_argument("--samples", type=int, default=4, help="eval images per config in the sample grid (0: none)")
+    p.add_argument("--debug-grids", type=int, default=3, metavar="N",
+                   help="the newest N debug grids (train.debug_every) per run (0: none)")
     p.add_argument("--title", default="segadapt report")
     p.add_argument("--device", default="auto", help="device for the sample predictions: auto | cpu | cuda")
     p.set_defaults(func=run)
@@ -33,6 +36,8 @@ def run(args) -> int:
 
     if args.samples < 0:
         raise ConfigError(f"--samples must be >= 0, got {args.samples}")
+    if args.debug_grids < 0:
+        raise ConfigError(f"--debug-grids must be >= 0, got {args.debug_grids}")
     require_matplotlib()  # fail before any work
     refuse_output_over_inputs(args.out, [("run folder", r) for r in args.runs])
     ensure_writable(Path(args.out) / "report.html")
@@ -40,7 +45,7 @@ def run(args) -> int:
     runs = [load_run(p) for p in find_runs(args.runs)]
     try:
         written = build_report(runs, args.out, markdown=args.markdown, samples=args.samples, device=device,
-                               title=args.title, embed=not args.linked,
+                               title=args.title, embed=not args.linked, debug_grids=args.debug_grids,
                                log=lambda msg: print(f"segadapt report: {msg}", file=sys.stderr))
     except OSError as e:  # a failed write() names no file
         raise write_error(e.filename or args.out, e) from None

@@ -1,9 +1,11 @@
-"""Run logging: progress bar with ETA and losses, metrics.jsonl, TensorBoard."""
+"""Run logging: progress bar with ETA and losses, metrics.jsonl (always), the loggers of
+`train.loggers` (metrics.csv, TensorBoard, W&B, MLflow: `loggers.py`) and the debug grids of
+`train.debug_every` (`debug/iter_<N>.png`)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -23,30 +25,45 @@ def colorize_tensor(labels: torch.Tensor, palette=None) -> torch.Tensor:
 
 
 class RunLogger:
-    def __init__(self, out_dir: Path, cfg, enabled: bool = True, tensorboard: bool = False):
+    """What the trainer logs, on the main process (`enabled`). `loggers`: `train.loggers` (see
+    `loggers.py`); `tensorboard` adds TensorBoard (`train.tensorboard`, `--tensorboard`)."""
+
+    def __init__(self, out_dir: Path, cfg, enabled: bool = True, tensorboard: bool = False,
+                 loggers: Sequence[str] = ()):
+        from .loggers import build_loggers, check_loggers
+
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.bar: Optional[tqdm] = None
-        self.tb = None
+        self.loggers: list = []
         self.metrics_file = None
-        self.palette = None  # colours of the image grid: the eval dataset's classes (None: Cityscapes)
+        self.palette = None  # colours of the image grids: the eval dataset's classes (None: Cityscapes)
         if not enabled:
             return
+        names = list(loggers) + (["tensorboard"] if tensorboard and "tensorboard" not in loggers else [])
+        check_loggers(names, tensorboard_flag=tensorboard)  # one line before anything is written
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_file = open(self.out_dir / "metrics.jsonl", "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                from ..errors import ConfigError
+        name = getattr(cfg, "name", None) or self.out_dir.name
+        self.loggers = build_loggers(names, self.out_dir, f"{name} {self.out_dir.name}")
 
-                raise ConfigError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(self.out_dir / "tb"))
+    @property
+    def takes_images(self) -> bool:
+        return any(lg.takes_images for lg in self.loggers)
+
+    def log_config(self, config: dict) -> None:
+        for lg in self.loggers:
+            lg.log_config(config)
+
+    def _scalars(self, step: int, values: dict) -> None:
+        for lg in self.loggers:
+            lg.log_scalars(step, values)
 
     def drop_records_after(self, iteration: int, with_eval_at: bool = False) -> None:
         """On resume: records past the checkpoint's iteration will be logged again, so drop them
-        (and a line torn by a kill) from metrics.jsonl; TensorBoard purges its events after it too.
-        `with_eval_at`: the evaluation at `iteration` came after the checkpoint (a run's final one)."""
+        (and a line torn by a kill) from metrics.jsonl, metrics.csv and the debug grids;
+        TensorBoard purges its events after it too. `with_eval_at`: the evaluation at `iteration`
+        came after the checkpoint (a run's final one)."""
         if not self.enabled:
             return
         path = self.out_dir / "metrics.jsonl"
@@ -64,11 +81,13 @@ class RunLogger:
         with atomic_write(path, "w") as f:
             f.write("".join(kept))
         self.metrics_file = open(path, "a")
-        if self.tb is not None:
-            from torch.utils.tensorboard import SummaryWriter
+        for lg in self.loggers:
+            lg.drop_after(iteration, with_eval_at)
+        from .debug_grid import debug_grid_files
 
-            self.tb.close()
-            self.tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=iteration + 1)
+        for it, p in debug_grid_files(self.out_dir):
+            if it > iteration:
+                p.unlink(missing_ok=True)
 
     def start(self, start_iter: int, total: int, progress: bool) -> None:
         if self.enabled and progress:
@@ -86,9 +105,8 @@ class RunLogger:
         if self.bar is not None:
             short = {k.replace("loss_", ""): f"{v:.3g}" for k, v in values.items() if k.startswith("loss")}
             self.bar.set_postfix(short, refresh=False)
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(("train/" if k.startswith("loss") else "") + k, v, it)
+        self._scalars(it, {("train/" if k.startswith("loss") else "") + k: v for k, v in values.items()}
+                      | {"sec_per_iter": sec_per_iter})
 
     @torch.no_grad()
     def log_eval(self, it: int, result, model, loader, device, num_images: int = 4) -> None:
@@ -101,15 +119,12 @@ class RunLogger:
         if self.metrics_file is not None:
             self._append({"iteration": it, "eval/mIoU": result.miou,
                           **{f"eval/{k}": v for k, v in result.subset_mious.items()}})
-        if self.tb is None:
-            return
-        self.tb.add_scalar("eval/mIoU", result.miou, it)
-        for k, v in result.subset_mious.items():
-            self.tb.add_scalar(f"eval/{k}", v, it)
-        for name, iou in zip(result.class_names, result.per_class_iou):
-            if iou == iou:  # not NaN
-                self.tb.add_scalar(f"eval_class/{name}", iou, it)
-        self._image_grid(it, model, loader, device, num_images)
+        scalars = {"eval/mIoU": result.miou, **{f"eval/{k}": v for k, v in result.subset_mious.items()}}
+        scalars.update({f"eval_class/{name}": iou for name, iou in zip(result.class_names, result.per_class_iou)
+                        if iou == iou})  # not NaN
+        self._scalars(it, scalars)
+        if self.takes_images:
+            self._image_grid(it, model, loader, device, num_images)
 
     def _image_grid(self, it, model, loader, device, num_images):
         from .inference import predict
@@ -128,7 +143,28 @@ class RunLogger:
                 break
         model.train(was_training)
         if rows:
-            self.tb.add_images("eval/input_prediction_label", torch.cat(rows, 0), it)
+            self.log_images(it, "eval/input_prediction_label", torch.cat(rows, 0))
+
+    def log_images(self, it: int, name: str, images: torch.Tensor) -> None:
+        """(N, 3, H, W) float images in [0, 1] to every logger that takes images."""
+        for lg in self.loggers:
+            if lg.takes_images:
+                lg.log_images(it, name, images)
+
+    def log_debug(self, it: int, debug: dict) -> Optional[Path]:
+        """A debug step's grid (see `debug_grid`) to `debug/iter_<it>.png` and the image loggers."""
+        if not self.enabled or not debug:
+            return None
+        from .debug_grid import render_debug_grid, write_png
+
+        grid = render_debug_grid(debug, self.palette)
+        if grid is None:
+            return None
+        path = self.out_dir / "debug" / f"iter_{it}.png"
+        write_png(path, grid)
+        if self.takes_images:
+            self.log_images(it, "debug/grid", torch.from_numpy(grid).permute(2, 0, 1)[None].float() / 255.0)
+        return path
 
     def info(self, msg: str) -> None:
         if self.bar is not None:
@@ -148,9 +184,9 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        loggers, self.loggers = self.loggers, []
+        for lg in loggers:
+            lg.close()
         if self.metrics_file is not None:
             f, self.metrics_file = self.metrics_file, None
             try:

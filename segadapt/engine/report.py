@@ -1,8 +1,8 @@
 """Compare training runs in one page: result tables, curves, per-class IoU,
-confusion matrices and sample predictions.
+confusion matrices, sample predictions and the newest debug grids of each run.
 
 A run folder is what the trainer writes: `config.yaml`, `metrics.jsonl`,
-`history.json`, `results.json`, `final.pth`/`last.pth`. Runs of one config
+`history.json`, `results.json`, `final.pth`/`last.pth`, `debug/iter_<N>.png`. Runs of one config
 (same `name`) with different `train.seed` form a group, reported as
 mean +- sample standard deviation (ddof=1) over its seeds.
 
@@ -537,7 +537,36 @@ class _Section:
     notes: list = field(default_factory=list)
 
 
-def _sections(runs, groups, samples, device, log) -> list[_Section]:
+def debug_section(runs, latest: int, used: set) -> _Section:
+    """The last `latest` debug grids (`train.debug_every`, debug/iter_<N>.png) of each run."""
+    from .debug_grid import debug_grid_files
+
+    sec = _Section("debug", "Debug grids")
+    if latest <= 0:
+        sec.notes.append("disabled (--debug-grids 0)")
+        return sec
+    for run in runs:
+        grids = debug_grid_files(run.path)[-latest:]
+        if not grids:
+            continue
+        slug = _slug(f"debug {run.label}", used)
+        for it, path in reversed(grids):
+            try:
+                png = path.read_bytes()
+            except OSError as e:
+                sec.notes.append(f"{run.label}: cannot read {path}: {e.strerror or e}")
+                continue
+            sec.figures.append(_Figure(f"{slug}_iter_{it}.png", f"{run.label}: training step {it}", png))
+    if not sec.figures:
+        sec.notes.append("no debug grids in these runs (train.debug_every=N writes one every N iterations)")
+    else:
+        sec.notes.insert(0, "What the method saw and made at a training step: a row per image of the batch; "
+                            "labels and predictions in the class colours, confidence and entropy black (0) "
+                            "to white (1). Newest first.")
+    return sec
+
+
+def _sections(runs, groups, samples, device, log, debug_grids: int = 3) -> list[_Section]:
     used: set = set()
     results = _Section("results", "Results")
     results.notes.append("Scores in percent. Runs of one config with different seeds are grouped: "
@@ -585,7 +614,7 @@ def _sections(runs, groups, samples, device, log) -> list[_Section]:
         sample_sec.figures.append(_Figure(f"samples_{slug}.png", f"{run.label}: first {samples} eval images", png))
     if samples <= 0:
         sample_sec.notes.append("disabled (--samples 0)")
-    return [results, curves, per_class, confusion, sample_sec]
+    return [results, curves, per_class, confusion, sample_sec, debug_section(runs, debug_grids, used)]
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1250px;color:#222}
@@ -648,15 +677,15 @@ def render_markdown(sections: Sequence[_Section], title: str) -> str:
 
 def build_report(runs: Sequence[Run], out_dir: str | os.PathLike, markdown: bool = False, samples: int = 4,
                  device="cpu", title: str = "segadapt report", embed: bool = True,
-                 log=print) -> dict[str, Path]:
+                 log=print, debug_grids: int = 3) -> dict[str, Path]:
     """Write `report.html` (images embedded as base64 unless `embed=False`,
     then PNG files beside it) and with `markdown` also `report.md` + PNGs.
-    Returns the written paths by kind."""
+    `debug_grids`: the newest debug grids shown per run. Returns the written paths by kind."""
     require_matplotlib()
     if not runs:
         raise ConfigError("no runs to report")
     groups = group_runs(runs)
-    sections = _sections(runs, groups, samples, device, log)
+    sections = _sections(runs, groups, samples, device, log, debug_grids)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"html": out / "report.html"}

@@ -196,7 +196,7 @@ RESUME_MAY_CHANGE = (
     "train.iters", "train.log_every", "train.eval_every", "train.ckpt_every", "train.num_workers",
     "train.tensorboard", "train.device", "out_dir", "source.root", "target.root", "eval.data.root",
     "synthetic.out", "synthetic.workers", "eval.batch_size", "source.cache", "target.cache", "eval.data.cache",
-    "train.threads",
+    "train.threads", "train.loggers", "train.debug_every",
 )
 
 

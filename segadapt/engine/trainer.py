@@ -303,7 +303,9 @@ class Trainer:
         self.start_iter = 0
         self.last_good: Optional[int] = None  # iteration of the last checkpoint written (and checked finite)
         self.history: list[dict] = []
-        self.logger = RunLogger(self.out_dir, cfg, enabled=self.is_main, tensorboard=tc.tensorboard)
+        self.logger = RunLogger(self.out_dir, cfg, enabled=self.is_main, tensorboard=tc.tensorboard,
+                                loggers=tc.loggers)
+        self.debug_tensors: dict = {}  # what the last debug step kept (StepContext.debug)
         if getattr(self.eval_ds, "has_class_map", False):
             self.logger.palette = self.eval_ds.classes.palette
         if resume is not None:
@@ -507,10 +509,11 @@ class Trainer:
             self.optimizers[n].optimizer.zero_grad(set_to_none=True)
         return {k: v.detach() if k.startswith("loss") and torch.is_tensor(v) else v for k, v in losses.items()}
 
-    def step(self, batch: dict, it: int) -> tuple[dict, torch.Tensor]:
+    def step(self, batch: dict, it: int, want_debug: bool = False) -> tuple[dict, torch.Tensor]:
         """One training iteration on a device batch: schedules, forward + losses with a backward
         per stage (see `StepContext.end_stage`), every optimizer not stepped yet, the method's
-        `after_step`. Returns the method's outputs and the summed loss (detached)."""
+        `after_step`. Returns the method's outputs and the summed loss (detached). `want_debug`:
+        the method keeps the step's images in `self.debug_tensors` (empty on other steps)."""
         module = self.ddp if self.ddp is not None else self.method
         self._stepped = set()
         for o in self.optimizers.values():
@@ -519,7 +522,9 @@ class Trainer:
         if self.manual_sync:
             dist_utils.broadcast_buffers(self.method)  # as DDP does before each forward
         with self._autocast():
-            out = module(batch, it, StepContext(self._run_stage))
+            ctx = StepContext(self._run_stage, want_debug=want_debug)
+            out = module(batch, it, ctx)
+        self.debug_tensors = ctx.debug
         total = sum(v.detach().float() for k, v in out.items() if k.startswith("loss"))
         self._backward(out)
         self._step([n for n in self.optimizers if n not in self._stepped])
@@ -543,7 +548,11 @@ class Trainer:
             for it in range(self.start_iter, tc.iters):
                 step_started = time.perf_counter()
                 batch = {k: move_to(next(s), self.device, tc.channels_last) for k, s in self.streams.items()}
-                out, total = self.step(batch, it)
+                debug_step = bool(tc.debug_every) and self.is_main and (it + 1) % tc.debug_every == 0
+                out, total = self.step(batch, it, want_debug=debug_step)
+                if debug_step:
+                    self.logger.log_debug(it + 1, self.debug_tensors)
+                    self.debug_tensors = {}
 
                 # accumulate on the device: no host sync per step
                 out = {**out, "loss": total}
@@ -602,6 +611,7 @@ def train_from_config(cfg: Config, resume: Optional[str] = None, progress: bool 
     if trainer.is_main:
         try:
             write_text_atomic(trainer.out_dir / "config.yaml", dump_config(cfg))
+            trainer.logger.log_config(cfg.to_dict())
         except BaseException:
             trainer.release()
             raise

@@ -137,15 +137,17 @@ class AdvEnt(UDAMethod):
 
     def training_step(self, batch: dict, it: int, ctx: StepContext) -> dict:
         if self.restyler is not None:
-            batch = self.restyler(batch, it)
+            batch = self.restyler(batch, it, ctx)
         src, tgt = batch["source"], batch["target"]
         out_s = self.model(src["image"])
         size_s, size_t = src["image"].shape[-2:], tgt["image"].shape[-2:]
+        ctx.keep_prediction("source/prediction", out_s["main"], size_s)
         # D only sees detached source maps: the source stage's graph can go before the target forward
         maps_s = {level: self_information(upsample(out_s[level].detach(), size_s)) for level in self.discriminators()}
         losses = ctx.end_stage(segmentation_loss(out_s, src["label"], self.cfg.model.aux_weight))
         del out_s
         out_t = self.model(tgt["image"])
+        ctx.keep_prediction("target/prediction", out_t["main"], size_t, entropy="target/entropy")
         weights = {"main": self.mcfg.adv_weight_main, "aux": self.mcfg.adv_weight_aux}
         logs = {}
         for level, disc in self.discriminators().items():

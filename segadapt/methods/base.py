@@ -19,6 +19,7 @@ from ..optim import (ScheduledOptimizer, advent_repeated_backbone, build_optimiz
 from .components.augment import AugmentConfig, StrongAugment
 from .components.mic import MaskedImageConsistency, MICConfig
 from .components.teacher import PseudoLabels, TeacherConfig
+from .losses import entropy_map, upsample
 
 MIC_RENAMED = {"mic_weight": "mic.weight", "mic_mask_ratio": "mic.mask_ratio", "mic_block_size": "mic.block_size",
                "mic_augment": "mic.augment"}
@@ -39,6 +40,9 @@ class SegmentationMethodConfig(MethodConfig):
     mic: MICConfig = field(default_factory=MICConfig)
 
 
+DEBUG_SAMPLES = 2  # images of a batch that a debug step keeps
+
+
 class StepContext:
     """What the trainer lends one training step.
 
@@ -49,11 +53,50 @@ class StepContext:
     unit-tested on their own) or with staging off and nothing to step, `losses` come back
     unchanged and the step's one backward covers them. `pseudo_labels` is what a self-training
     method's teacher gave this step, for the parts that run after it (MIC).
+
+    Debug images: with `want_debug` set (the trainer's `train.debug_every` steps), the method and
+    its components `keep` what they computed anyway into `debug`, name -> the first DEBUG_SAMPLES
+    images of the batch, detached copies:
+
+    * (B, 3, H, W) float: an RGB image in [0, 1] (an input, a translated, mixed or masked image);
+    * (B, H, W) integer: a label map of train ids (255 ignore), e.g. a label or a prediction;
+    * (B, H, W) float: a map in [0, 1] (the teacher's confidence, the normalised entropy).
+
+    Names are `<what>/<panel>`: source/image, source/label, source/translated, source/prediction,
+    target/image, target/translated, target/prediction, target/entropy, pseudo/label,
+    pseudo/confidence, mix/image, mix/label, mix/prediction, mic/masked_image, mic/prediction.
+    Without `want_debug` every `keep*` call returns at once: no copy, no computation, no sync.
+    Nothing here draws random numbers, so a debug step trains exactly as any other.
     """
 
-    def __init__(self, run_stage: Optional[Callable[[dict, tuple], dict]] = None):
+    def __init__(self, run_stage: Optional[Callable[[dict, tuple], dict]] = None, want_debug: bool = False):
         self._run_stage = run_stage
         self.pseudo_labels: Optional[PseudoLabels] = None
+        self.want_debug = want_debug
+        self.debug: dict[str, torch.Tensor] = {}
+
+    def keep(self, name: str, tensor: torch.Tensor) -> None:
+        """On a debug step: the first images of `tensor` (see the class notes for the kinds)."""
+        if self.want_debug:
+            self.debug[name] = tensor.detach()[:DEBUG_SAMPLES].clone()
+
+    @torch.no_grad()
+    def keep_prediction(self, name: str, logits: torch.Tensor, size, entropy: Optional[str] = None) -> None:
+        """On a debug step: the argmax of `logits` upsampled to `size` (H, W), and with `entropy`
+        its normalised entropy map under that name."""
+        if not self.want_debug:
+            return
+        x = upsample(logits.detach()[:DEBUG_SAMPLES].float(), tuple(size), align_corners=False)
+        self.debug[name] = x.argmax(dim=1)
+        if entropy is not None:
+            self.debug[entropy] = entropy_map(x)
+
+    def keep_pseudo_labels(self, pseudo: PseudoLabels) -> None:
+        """On a debug step: a teacher's pseudo-labels and its per-pixel confidence (top probability)."""
+        if self.want_debug:
+            self.keep("pseudo/label", pseudo.labels)
+            if pseudo.max_probability is not None:
+                self.keep("pseudo/confidence", pseudo.max_probability)
 
     def end_stage(self, losses: dict, step: tuple = ()) -> dict:
         if self._run_stage is None:
@@ -102,15 +145,46 @@ class UDAMethod(nn.Module):
 
     def forward(self, batch: dict, it: int, ctx: Optional[StepContext] = None) -> dict:  # DDP calls forward
         ctx = StepContext() if ctx is None else ctx
+        if ctx.want_debug:
+            self.keep_inputs(batch, ctx)
         losses = self.training_step(batch, it, ctx)
         if self.mic is not None:
             losses = ctx.end_stage(losses)  # the step's graph goes before the masked forward
             tgt = batch["target"]
-            losses.update(self.mic.losses(self.model, tgt["image"], ctx.pseudo_labels, tgt.get("valid_pseudo_mask")))
+            losses.update(self.mic.losses(self.model, tgt["image"], ctx.pseudo_labels, tgt.get("valid_pseudo_mask"),
+                                          ctx=ctx))
+        if ctx.want_debug:
+            self.keep_target_prediction(batch, ctx)
         return losses
 
     def training_step(self, batch: dict, it: int, ctx: StepContext) -> dict:
         raise NotImplementedError
+
+    # ----------------------------------------------------------- debug images
+    def keep_inputs(self, batch: dict, ctx: StepContext) -> None:
+        """A debug step's inputs as the data gave them: images and the source label."""
+        for domain in ("source", "target"):
+            if domain in batch:
+                ctx.keep(f"{domain}/image", batch[domain]["image"])
+        if "source" in batch and "label" in batch["source"]:
+            ctx.keep("source/label", batch["source"]["label"])
+
+    @torch.no_grad()
+    def keep_target_prediction(self, batch: dict, ctx: StepContext) -> None:
+        """The student's prediction on the clean target, for methods whose step makes none
+        (self-training sees mixed and masked targets only): one forward more, on debug steps
+        only, in eval mode (as evaluation predicts; no BatchNorm statistics change, no random
+        numbers drawn) and without gradients."""
+        if not self.trains_segmenter or "target" not in batch or "target/prediction" in ctx.debug:
+            return
+        images = batch["target"]["image"][:DEBUG_SAMPLES]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model.infer(images)["main"]
+        finally:
+            self.model.train(was_training)
+        ctx.keep_prediction("target/prediction", logits, images.shape[-2:])
 
     # ----------------------------------------------------------- optimisation
     def segmenter_param_groups(self) -> list[dict]:

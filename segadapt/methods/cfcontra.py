@@ -305,7 +305,7 @@ class CFContra(MinEnt):
                 self._init_data = (build_dataset(self.cfg.source), build_dataset(self.cfg.target))
             self.initialize_banks(*self._init_data, it=it)
 
-        batch = self.restyle(batch, it)
+        batch = self.restyle(batch, it, ctx)
         src, tgt = batch["source"], batch["target"]
         valid_s, valid_t = valid_prototypes(self.bank_source), valid_prototypes(self.bank_target)
         tau = c.temperature
@@ -316,6 +316,7 @@ class CFContra(MinEnt):
 
         # source stage: CE and the two terms on source features
         out_s = self.model(src["image"], return_features=True)
+        ctx.keep_prediction("source/prediction", out_s["main"], src["image"].shape[-2:])
         f_s = self.head(out_s["features"]).float()
         y_s = resize_labels(src["label"], f_s.shape[-2:])
         with torch.no_grad():
@@ -330,9 +331,11 @@ class CFContra(MinEnt):
         # target stage: entropy and the two terms on target features
         out_t = self.model(tgt["image"], return_features=True)
         losses.update(self.entropy_losses(out_t, tgt["image"].shape[-2:]))
+        ctx.keep_prediction("target/prediction", out_t["main"], tgt["image"].shape[-2:], entropy="target/entropy")
         f_t = self.head(out_t["features"]).float()
         with torch.no_grad():
             y_t = self.target_pseudo_labels(f_t, out_t["main"], it)
+            ctx.keep("pseudo/label", y_t)  # at feature resolution
             t_sums, t_counts = class_mean_sums(f_t, y_t, self.num_classes)
             # one tensor, so that DDP needs one all-reduce in after_step
             self._pending = torch.cat([torch.cat([s_sums, s_counts[:, None]], 1),

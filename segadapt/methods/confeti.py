@@ -422,10 +422,12 @@ class Confeti(SelfTraining):
             with torch.no_grad():
                 x_s2t = from_cut_range(self.cut.G(to_cut_range(x_s)))
         x_s2t_sg = x_s2t.detach()
+        ctx.keep("source/translated", x_s2t_sg)
 
         # 2. pseudo-labels and ClassMix of the stylised source onto the target
         pseudo = ctx.pseudo_labels = self.pseudo_labels(x_t, tgt.get("valid_pseudo_mask"))
         mixed = self.classmix(x_s2t_sg, y_s, x_t, pseudo)
+        self.keep_mix(ctx, pseudo, mixed)
 
         # 3. prototypes (no gradient)
         losses["proto_classes_updated"] = self.update_prototypes(mixed.images, mixed.labels, mixed.mask, it).float()
@@ -435,6 +437,7 @@ class Confeti(SelfTraining):
         # 4. student on the stylised source: CE, CAM, contrast, feature distance to x_s's reference features
         out = self.model(x_s2t_sg, return_features=True)
         feat = out["features"]
+        ctx.keep_prediction("source/prediction", out["main"], y_s.shape[-2:])
         src_losses = self.source_ce(out, y_s)
         if m.cam_weight > 0:
             src_losses["loss_cam_src"] = m.cam_weight * cam_loss(self.cam(feat), y_s)
@@ -454,6 +457,7 @@ class Confeti(SelfTraining):
 
         # 6. student on the mixed batch
         out_mix = self.model(mixed.images, return_features=True)
+        ctx.keep_prediction("mix/prediction", out_mix["main"], mixed.labels.shape[-2:])
         losses.update(self.pseudo_label_losses(out_mix, mixed.labels, mixed.weights, "loss_mix_main", "loss_mix_aux"))
         if m.cam_weight > 0 and it > m.cam_mix_start:
             losses["loss_cam_mix"] = m.cam_weight * cam_loss(self.cam(out_mix["features"]), mixed.labels)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..config import MethodConfig
-from ..models.cut import to_cut_range
+from ..models.cut import from_cut_range, to_cut_range
 from ..optim import ScheduledOptimizer
 from . import register_method
 from .base import StepContext, UDAMethod
@@ -45,7 +45,10 @@ class CUTPretraining(UDAMethod):
     def training_step(self, batch: dict, it: int, ctx: StepContext) -> dict:
         x_src = to_cut_range(batch["source"]["image"])
         x_tgt = to_cut_range(batch["target"]["image"])
-        return self.cut.losses(ctx, x_src, x_tgt)[0]
+        losses, fake = self.cut.losses(ctx, x_src, x_tgt)
+        if ctx.want_debug:
+            ctx.keep("source/translated", from_cut_range(fake.detach()))
+        return losses
 
     def build_optimizers(self) -> dict[str, ScheduledOptimizer]:
         return self.cut.optimizers(self.poly_factor())

@@ -13,6 +13,7 @@ consistency (``mic:``, with an EMA teacher of MIC's own) are components it compo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from . import register_method
 from .base import SegmentationMethodConfig, StepContext, UDAMethod
@@ -37,8 +38,8 @@ class MinEnt(UDAMethod):
         super().__init__(model, cfg)
         self.restyler = OnlineRestyler(self.mcfg.style, cfg) if self.mcfg.style.mode == "online" else None
 
-    def restyle(self, batch: dict, it: int) -> dict:
-        return self.restyler(batch, it) if self.restyler is not None else batch
+    def restyle(self, batch: dict, it: int, ctx: Optional[StepContext] = None) -> dict:
+        return self.restyler(batch, it, ctx) if self.restyler is not None else batch
 
     def entropy_losses(self, outputs: dict, size) -> dict:
         """Weighted normalised entropy of the target predictions at input size."""
@@ -48,10 +49,15 @@ class MinEnt(UDAMethod):
         return losses
 
     def training_step(self, batch: dict, it: int, ctx: StepContext) -> dict:
-        batch = self.restyle(batch, it)
+        batch = self.restyle(batch, it, ctx)
         src, tgt = batch["source"], batch["target"]
-        losses = ctx.end_stage(segmentation_loss(self.model(src["image"]), src["label"], self.cfg.model.aux_weight))
-        losses.update(self.entropy_losses(self.model(tgt["image"]), tgt["image"].shape[-2:]))
+        out = self.model(src["image"])
+        ctx.keep_prediction("source/prediction", out["main"], src["image"].shape[-2:])
+        losses = ctx.end_stage(segmentation_loss(out, src["label"], self.cfg.model.aux_weight))
+        del out
+        out = self.model(tgt["image"])
+        ctx.keep_prediction("target/prediction", out["main"], tgt["image"].shape[-2:], entropy="target/entropy")
+        losses.update(self.entropy_losses(out, tgt["image"].shape[-2:]))
         return losses
 
 

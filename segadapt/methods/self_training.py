@@ -139,11 +139,13 @@ class SelfTraining(UDAMethod):
     def feature_distance(self, features: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> dict:
         return {"loss_fd": self.fd.loss(features, images, labels, self.model.feature_stride)}
 
-    def source_losses(self, src: dict) -> dict:
-        if self.fd is None:
-            return self.source_ce(self.model(src["image"]), src["label"])
-        out = self.model(src["image"], return_features=True)
+    def source_losses(self, src: dict, ctx: Optional[StepContext] = None) -> dict:
+        out = self.model(src["image"], return_features=self.fd is not None)
+        if ctx is not None:
+            ctx.keep_prediction("source/prediction", out["main"], src["image"].shape[-2:])
         losses = self.source_ce(out, src["label"])
+        if self.fd is None:
+            return losses
         losses.update(self.feature_distance(out["features"], src["image"], src["label"]))
         return losses
 
@@ -158,15 +160,25 @@ class SelfTraining(UDAMethod):
     def training_step(self, batch: dict, it: int, ctx: StepContext) -> dict:
         src, tgt = batch["source"], batch["target"]
         self.check_sizes(self.mcfg.name, src["image"], tgt["image"])
-        losses = ctx.end_stage(self.source_losses(src))
+        losses = ctx.end_stage(self.source_losses(src, ctx))
 
         pseudo = ctx.pseudo_labels = self.pseudo_labels(tgt["image"], tgt.get("valid_pseudo_mask"))
         mixed = self.classmix(src["image"], src["label"], tgt["image"], pseudo)
+        self.keep_mix(ctx, pseudo, mixed)
         out = self.model(mixed.images)
+        ctx.keep_prediction("mix/prediction", out["main"], mixed.labels.shape[-2:])
         losses.update(self.pseudo_label_losses(out, mixed.labels, mixed.weights, "loss_mix_main", "loss_mix_aux"))
         losses["pseudo_weight"] = pseudo.confidence.detach()
         losses["mix_source_fraction"] = mixed.mask.mean()
         return losses
+
+    @staticmethod
+    def keep_mix(ctx: StepContext, pseudo: PseudoLabels, mixed) -> None:
+        """On a debug step: the teacher's pseudo-labels and confidence, the mixed images and labels."""
+        if ctx.want_debug:
+            ctx.keep_pseudo_labels(pseudo)
+            ctx.keep("mix/image", mixed.images)
+            ctx.keep("mix/label", mixed.labels)
 
     # ------------------------------------------------------------------ hooks
     def stream_sampler(self, domain: str, dataset):

@@ -26,4 +26,5 @@ class SourceOnly(UDAMethod):
     def training_step(self, batch: dict, it: int, ctx: StepContext) -> dict:
         src = batch["source"]
         out = self.model(src["image"])
+        ctx.keep_prediction("source/prediction", out["main"], src["image"].shape[-2:])
         return segmentation_loss(out, src["label"], self.cfg.model.aux_weight)

@@ -107,16 +107,24 @@ class MaskedImageConsistency(nn.Module):
         return pseudo_labels(self.teacher.ema, target_images, self.teacher_cfg, self.align_corners, valid)
 
     def losses(self, model: nn.Module, target_images: torch.Tensor, pseudo: Optional[PseudoLabels] = None,
-               valid: Optional[torch.Tensor] = None) -> dict:
+               valid: Optional[torch.Tensor] = None, ctx=None) -> dict:
         """The student on the masked target against the teacher's labels of the unmasked one,
-        weighted as the mix loss (q, zero in the ignored rows and outside `valid`)."""
+        weighted as the mix loss (q, zero in the ignored rows and outside `valid`). `ctx`: the
+        step's `StepContext`, which keeps the masked images (and MIC's own pseudo-labels) on
+        debug steps."""
         logs = {}
         if pseudo is None:
             if self.teacher is None:
                 raise RuntimeError("MIC without a teacher of its own needs the method's pseudo-labels")
             pseudo = self.own_pseudo_labels(target_images, valid)
             logs["mic_pseudo_weight"] = pseudo.confidence.detach()
-        out = model(self.images(target_images))
+            if ctx is not None:
+                ctx.keep_pseudo_labels(pseudo)
+        masked = self.images(target_images)
+        out = model(masked)
+        if ctx is not None:
+            ctx.keep("mic/masked_image", masked)
+            ctx.keep_prediction("mic/prediction", out["main"], masked.shape[-2:])
         losses = pseudo_label_losses(out, pseudo.labels, pseudo.weights, self.aux_weight, "loss_mic", "loss_mic_aux",
                                      self.cfg.weight, self.align_corners)
         return {**losses, **logs}

@@ -108,7 +108,8 @@ class OnlineRestyler:
         return (torch.rand(n, generator=g) < self.scfg.prob).to(device, non_blocking=True)
 
     @torch.no_grad()
-    def __call__(self, batch: dict, it: int) -> dict:
+    def __call__(self, batch: dict, it: int, ctx=None) -> dict:
+        """`ctx`: the step's `StepContext`, which keeps the restyled images on debug steps."""
         if self.scfg.prob <= 0.0:
             return batch
         out = dict(batch)
@@ -123,6 +124,8 @@ class OnlineRestyler:
                 chosen = self._chosen(images.shape[0], it, i, images.device)
                 restyled = torch.where(chosen.view(-1, 1, 1, 1), restyled, images)
             out[domain] = {**batch[domain], "image": restyled}
+            if ctx is not None:
+                ctx.keep(f"{domain}/translated", restyled)
         return out
 
 

@@ -66,6 +66,8 @@ class PseudoLabels(NamedTuple):
     labels: torch.Tensor  # (B, H, W) argmax of the teacher
     weights: torch.Tensor  # (B, H, W) pixel weights: q, 0 in the ignored rows
     confidence: torch.Tensor  # q, the share of confident pixels (scalar)
+    # (B, H, W) the teacher's top probability per pixel (the debug images show it)
+    max_probability: Optional[torch.Tensor] = None
 
 
 def confidence_weight(probs: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -97,11 +99,12 @@ def pseudo_labels(segmenter: nn.Module, images: torch.Tensor, cfg: TeacherConfig
     logits = upsample(segmenter.infer(images)["main"], images.shape[-2:], align_corners)
     probs = torch.softmax(logits.float(), dim=1)
     labels = probs.argmax(dim=1)
-    q = confidence_weight(probs, cfg.pseudo_threshold)
+    top = probs.max(dim=1).values
+    q = (top >= cfg.pseudo_threshold).float().mean()  # confidence_weight, with `top` kept
     weights = pseudo_weight_map(q, labels.shape, cfg.ignore_top, cfg.ignore_bottom, cfg.scale_ignored_rows)
     if valid is not None:
         weights = weights * valid
-    return PseudoLabels(labels, weights, q)
+    return PseudoLabels(labels, weights, q, top)
 
 
 def is_stochastic_layer(m: nn.Module) -> bool:
