@@ -66,7 +66,10 @@ def test_sweep_reports_a_failed_seed_in_one_line(tiny_synth, tmp_path, capsys):
     assert main(_args(tiny_synth, group, "--seeds", "0,1")) == 2
     cap = capsys.readouterr()
     err = cap.err.strip().splitlines()
-    assert "1 of 2 seeds did not finish" in err[-1] and "seed 1" in err[-1] and "--resume" in err[-1]
+    assert "1 of 2 seeds did not finish" in err[-1] and "--resume" in err[-1]
+    # the seed's own one-line error, also on the terminal and in its log
+    assert "seed 1: cannot write" in err[-1] and "Not a directory" in err[-1]
+    assert "Not a directory" in cap.out and "Not a directory" in (group / "logs" / "seed1.log").read_text()
     state = json.loads((group / "sweep.json").read_text())
     assert state["runs"]["0"]["state"] == "finished" and state["runs"]["1"]["state"] == "failed"
 

@@ -15,6 +15,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ class SeedRun:
     error: Optional[str] = None
     log: Optional[Path] = None
     process: Optional[subprocess.Popen] = field(default=None, repr=False)
+    copier: Optional[threading.Thread] = field(default=None, repr=False)
     started: float = 0.0
 
 
@@ -78,13 +80,31 @@ def _final_miou(out_dir: Path) -> Optional[float]:
         return None
 
 
+def _copy_output(stream, log) -> None:
+    """A child's output, as it arrives, to our stdout and its log (chunks: a progress bar's
+    carriage returns pass through)."""
+    out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+    with log:
+        while True:
+            chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
+            if not chunk:
+                break
+            log.write(chunk)
+            log.flush()
+            if out is not None:
+                out.write(chunk)
+                out.flush()
+            else:
+                sys.stdout.write(chunk.decode(errors="replace"))
+
+
 def _last_error_line(log: Optional[Path]) -> str:
     if log is None or not log.is_file():
         return ""
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     for ln in reversed(lines):
         if "error" in ln.lower() or "interrupted" in ln:
-            return ln
+            return ln.split(": error: ", 1)[-1]
     return lines[-1] if lines else ""
 
 
@@ -126,8 +146,7 @@ class Sweep:
                 r.mode = "resume"
             elif st == "started":
                 r.mode = "overwrite"  # nothing was checkpointed: it starts again
-            if self.jobs > 1:
-                r.log = self.group / "logs" / f"seed{r.seed}.log"
+            r.log = self.group / "logs" / f"seed{r.seed}.log"
 
     def child_command(self, r: SeedRun) -> list[str]:
         cmd = [sys.executable, "-m", "segadapt", "train"]
@@ -158,19 +177,25 @@ class Sweep:
 
     def _start(self, r: SeedRun) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
-        out = None
-        if r.log is not None:
-            r.log.parent.mkdir(parents=True, exist_ok=True)
-            out = open(r.log, "a")
+        r.log.parent.mkdir(parents=True, exist_ok=True)
+        log = open(r.log, "ab")
         what = {"fresh": "starts", "resume": "resumes from its last.pth", "overwrite": "starts again"}[r.mode]
-        self._say(f"seed {r.seed} {what} in {r.out_dir}" + (f" (log: {r.log})" if r.log else ""))
+        self._say(f"seed {r.seed} {what} in {r.out_dir} (log: {r.log})")
         r.started = time.time()
-        r.process = subprocess.Popen(self.child_command(r), env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
-        if out is not None:
-            out.close()  # the child holds its own descriptor
+        if self.jobs > 1:  # into its log only
+            r.process = subprocess.Popen(self.child_command(r), env=env, stdout=log, stderr=subprocess.STDOUT)
+            log.close()  # the child holds its own descriptor
+        else:  # on the terminal as it comes (progress bar included) and into its log
+            r.process = subprocess.Popen(self.child_command(r), env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT)
+            r.copier = threading.Thread(target=_copy_output, args=(r.process.stdout, log), daemon=True)
+            r.copier.start()
         r.state = "running"
 
     def _finish(self, r: SeedRun, code: int) -> None:
+        if r.copier is not None:
+            r.copier.join(timeout=10)
+            r.copier = None
         r.exit_code, r.seconds, r.process = code, round(time.time() - r.started, 1), None
         if code == 0:
             r.state, r.miou = "finished", _final_miou(r.out_dir)
@@ -179,7 +204,7 @@ class Sweep:
         else:
             r.state = "interrupted" if code in (130, -2) else "failed"
             r.error = _last_error_line(r.log) or f"exit status {code}"
-            self._say(f"seed {r.seed} {r.state} (exit {code})" + (f": {r.error}" if r.log else ""))
+            self._say(f"seed {r.seed} {r.state} (exit {code}): {r.error}")
 
     def run(self) -> int:
         self.group.mkdir(parents=True, exist_ok=True)
