@@ -15,8 +15,9 @@ from pathlib import Path
 
 from .utils.threads import prefer_passive_waiting
 
-# before anything loads torch (and its OpenMP runtime): idle threads sleep instead of spinning, so
-# a busy neighbour slows training far less (segadapt/utils/threads.py); the user's own setting wins
+# before anything loads torch (and its OpenMP runtime): beside other work, idle threads sleep
+# instead of spinning, so a busy neighbour slows training far less (segadapt/utils/threads.py);
+# the user's own setting wins
 prefer_passive_waiting()
 
 DEFAULT_CONFIG = "synthetic/source_only"

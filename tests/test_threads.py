@@ -106,11 +106,23 @@ def test_passive_waiting_is_set_before_torch_loads_unless_the_user_chose():
     env["PYTHONPATH"] = str(REPO)
     probe = "import os, sys, segadapt.cli; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.split() == ["PASSIVE", "False"]
+    assert out.stdout.split()[1] == "False"  # set (or not) before torch loads
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
     assert out.stdout.split()[0] == "ACTIVE"
     assert prefer_passive_waiting() is False  # torch is loaded here: too late to matter, left alone
+
+
+def test_passive_waiting_only_beside_other_work(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch")  # as in the CLI before torch loads (restored after)
+    for var in threads_mod.WAIT_POLICY_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    assert prefer_passive_waiting(sample=lambda: 0) is False and "OMP_WAIT_POLICY" not in os.environ
+    looks = iter([1, 0, 1])  # one quiet look: the machine has a free moment, no neighbour
+    assert prefer_passive_waiting(sample=lambda: next(looks)) is False
+    assert prefer_passive_waiting(sample=lambda: 1) is True and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert prefer_passive_waiting(sample=lambda: 3) is False and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "many", "true", "1.5"])

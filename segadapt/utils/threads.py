@@ -7,7 +7,9 @@ a neighbour stalls the other: 0.30 / 0.84 / 1.00. Passive waiting (threads sleep
 0.30 / 0.49 / 0.66. One thread: 0.51 / 0.48 / 0.82. Hence the policy:
 
 1. passive waiting, set before torch loads the OpenMP runtime (:func:`prefer_passive_waiting`,
-   called by the CLI first thing): most of the gain, quiet time unchanged;
+   called by the CLI first thing) when other work runs as the process starts: most of the
+   gain; on a quiet machine the default short spin stays (passive waiting cost 1.5x there on
+   a fast AVX-512 CPU, 2026-12-05);
 2. ``train.threads: auto``: the cores this process may use (CPU affinity, a cgroup CPU quota);
 3. with ``auto`` and passive waiting, fewer threads while other work keeps cores busy: with
    ``b`` other runnable tasks on ``c`` cores and 0 < b < c, ``c - b`` threads (no thread of ours
@@ -38,10 +40,21 @@ LOADAVG = "/proc/loadavg"
 RECHECK_SECONDS = 5.0
 
 
-def prefer_passive_waiting() -> bool:
-    """Let idle OpenMP threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``) unless the user chose a
-    wait policy. Takes effect only before torch (and with it libgomp) is loaded: True when set."""
+def prefer_passive_waiting(sample: Optional[Callable[[], Optional[int]]] = None) -> bool:
+    """Let idle OpenMP threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``) when other work is
+    running as this process starts, unless the user chose a wait policy. On a quiet machine
+    GNU OpenMP's short spin stays: passive waiting cost 1.5x there on a fast AVX-512 CPU (0.09
+    -> 0.14 s/it, docs/methods.md). Takes effect only before torch (and with it libgomp) is
+    loaded: True when set. `sample`: runnable tasks besides us (default: /proc/loadavg)."""
     if "torch" in sys.modules or any(v in os.environ for v in WAIT_POLICY_VARIABLES):
+        return False
+    sample = runnable_others if sample is None else sample
+    counts = []
+    for _ in range(3):  # a few looks, ~10 ms apart: a passing process is not a busy neighbour
+        counts.append(sample())
+        time.sleep(0.01)
+    seen = [c for c in counts if c is not None]
+    if seen and min(seen) == 0:
         return False
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return True
