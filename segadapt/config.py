@@ -674,7 +674,8 @@ def load_config(
         _merge(tree, parse_overrides(overrides), "command line", origins)
     if origins_out is not None:
         origins_out.update(origins)
-        origins_out.update({("ref", k): v for k, v in _references(tree).items()})
+        origins_out.update({("ref", k): v for k, v in flatten_items(tree).items()
+                            if isinstance(v, str) and "${" in v})
     _interpolate(tree, tree, origins)
     imports = tree.get("imports") or []
     if not isinstance(imports, list) or not all(isinstance(e, str) for e in imports):
@@ -689,16 +690,6 @@ def load_config(
     cfg = build_dataclass(Config, tree, origins)
     validate(cfg)
     return cfg
-
-
-def _references(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_references(v, f"{prefix}{k}."))
-        elif isinstance(v, str) and "${" in v:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _plugin_paths(entries: list[str], origins: _Origins) -> list[str]:
@@ -717,21 +708,23 @@ def _plugin_paths(entries: list[str], origins: _Origins) -> list[str]:
     return out
 
 
+def flatten_items(tree: dict, prefix: str = "") -> dict:
+    """A nested mapping as {dotted key: leaf value} (an empty mapping is a leaf)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten_items(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def config_file_values(path: str) -> dict:
     """The dotted keys that config file `path` (with its `_base_` files) sets, with their values
     as written (references unresolved; lists and the method's options flattened by key).
     `train --resume -c FILE` compares them with those recorded at the run's start: what differs
     is the file's change."""
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in tree.items():
-            if isinstance(v, dict) and v:
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    return flat(_load_tree(resolve_config_path(path), _Origins()))
+    return flatten_items(_load_tree(resolve_config_path(path), _Origins()))
 
 
 def _deep_defaults() -> dict:

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 from ..errors import ConfigError, SegadaptWarning
 from ..utils.files import atomic_write, write_texts_atomic
-from .metrics import EvalResult
+from .metrics import EvalResult, nonfinite_to_none
 
 __all__ = ["SeedRun", "Group", "Comparison", "CompareResult", "parse_group_spec", "load_group", "compare_groups",
            "compare_values", "t_cdf", "t_quantile", "paired_interval", "welch_interval", "seeds_needed_paired",
@@ -657,7 +657,7 @@ class CompareResult:
                                      "per_class": [_num(v) for v in r.per_class],
                                      "method": r.meta.get("method"), "config": r.meta.get("config"),
                                      "iteration": r.meta.get("iteration")} for r in g.runs]})
-        return _json_safe({"units": "percentage points", "metric": self.metric, "level": LEVEL, "power": POWER,
+        return nonfinite_to_none({"units": "percentage points", "metric": self.metric, "level": LEVEL, "power": POWER,
                 "delta": self.delta, "pairs": self.pairs, "benchmark": self.groups[0].benchmark,
                 "class_names": list(names), "groups": groups,
                 "comparisons": [c.to_dict(self.unit) for c in self.comparisons],
@@ -666,17 +666,6 @@ class CompareResult:
                                                        for name, pc in zip(names, per_class)}}
                                           for c, per_class in zip(self.comparisons, self.class_comparisons)],
                 "verdicts": self.verdicts(), "final": self.final_line()})
-
-
-def _json_safe(x):
-    """NaN and infinities (undefined statistics) as null, tuples as lists."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def _mean_sd_text(mean: float, sd: float) -> str:

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..config import flatten_items
 from ..errors import ConfigError, write_error
 from ..utils.files import write_text_atomic
 
@@ -207,14 +208,9 @@ class WandbLogger(MetricLogger):
         self.run.finish()
 
 
-def _flat_params(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat_params(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = str(v)[:500]  # MLflow's older servers take 500 characters
-    return out
+def _flat_params(d: dict) -> dict:
+    # MLflow's older servers take 500 characters
+    return {k: str(v)[:500] for k, v in flatten_items(d).items()}
 
 
 class MLflowLogger(MetricLogger):

@@ -177,13 +177,14 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{100.0 * x:.2f}"
 
 
-def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, float) and math.isnan(x):
+def nonfinite_to_none(x: Any) -> Any:
+    """NaN and infinities (undefined values) as None, tuples as lists: JSON-safe numbers."""
+    if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
+        return {k: nonfinite_to_none(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_nan_to_none(v) for v in x]
+        return [nonfinite_to_none(v) for v in x]
     return x
 
 
@@ -345,7 +346,7 @@ class EvalResult:
         }
         if self.confusion is not None:
             d["confusion"] = [list(map(int, r)) for r in self.confusion]
-        return _nan_to_none(d)
+        return nonfinite_to_none(d)
 
     def to_json(self, indent: int | None = 2) -> str:
         """JSON text; NaN is written as ``null``."""

@@ -49,13 +49,11 @@ def prefer_passive_waiting(sample: Optional[Callable[[], Optional[int]]] = None)
     if "torch" in sys.modules or any(v in os.environ for v in WAIT_POLICY_VARIABLES):
         return False
     sample = runnable_others if sample is None else sample
-    counts = []
-    for _ in range(3):  # a few looks, ~10 ms apart: a passing process is not a busy neighbour
-        counts.append(sample())
-        time.sleep(0.01)
-    seen = [c for c in counts if c is not None]
-    if seen and min(seen) == 0:
-        return False
+    for look in range(3):  # a few looks, ~10 ms apart: a passing process is not a busy neighbour
+        if look:
+            time.sleep(0.01)
+        if sample() == 0:
+            return False  # a quiet moment: no neighbour (and no delay on a quiet machine)
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return True
 
